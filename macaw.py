@@ -1,0 +1,1037 @@
+"""MACAW: Meta-Actor Critic with Advantage Weighting, in one file.
+
+Offline meta-RL (Mitchell, Rafailov, Peng, Levine, Finn, ICML 2021, arXiv 2008.06043): meta-train on
+fixed offline data from many tasks, then adapt to a new task from 256 of its own offline transitions
+with ONE gradient step on a value function and ONE on a policy. Both inner and outer objectives are
+supervised regressions: Monte-Carlo value regression and advantage-weighted regression (AWR).
+
+    pip install -r requirements.txt
+    python macaw.py --env cheetah-dir        # makes the offline data once, meta-trains, evaluates
+    python macaw.py --env point-robot        # a 2-D toy task that trains in about a minute
+    pytest                                   # the tests (and the tutorial notebook)
+
+Reading order = data flow: config -> tasks -> offline data -> networks -> losses -> inner/outer
+loops -> evaluation -> main. Every default mirrors the authors' `config/alg/standard.json`
+unless the README's table "defaults that differ from the paper's code" says otherwise.
+"""
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import math
+import multiprocessing
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+DATA_FORMAT_VERSION = 1
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad flag, bad data file); main() prints it as one line."""
+
+
+# ================================================================================================
+# 1. Config: every field is a command-line flag (--field-name), with its help text beside it.
+# ================================================================================================
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # --- what to run
+    env: str = arg("cheetah-dir", "benchmark: cheetah-dir or point-robot")
+    seed: int = arg(1, "seed of meta-training and evaluation (the offline data has its own --data-seed)")
+    steps: int = arg(-1, "meta-training steps; -1 = the benchmark's default (see BENCHMARKS)")
+    eval_every: int = arg(-1, "evaluate every this many meta-steps; -1 = the benchmark's default")
+    device: str = arg("cpu", "torch device, e.g. cpu or cuda")
+    threads: int = arg(1, "torch CPU threads; 1 is steadiest on small nets (README, 'Speed')")
+    data_dir: str = arg("data", "offline data lives in <data-dir>/<env>/task<k>.npz")
+    out: str = arg("runs", "runs are written to <out>/<run-name>/")
+    run_name: str = arg("", "name of the run folder; default <env>-seed<seed>")
+    resume: str = arg("", "path of a run folder to continue from its checkpoint")
+    # --- MACAW (authors' standard.json)
+    net_width: int = arg(100, "hidden width of the policy and value networks")
+    net_depth: int = arg(3, "hidden layers of the policy and value networks")
+    latent_dim: int = arg(100, "size of the latent z of each weight-transform layer")
+    adv_head_width: int = arg(32, "hidden width of the advantage head")
+    weight_transform: bool = arg(True, "use weight-transform layers (--no-weight-transform: plain Linear)")
+    adv_head: bool = arg(True, "use the advantage head in the inner policy loss (--no-adv-head: MAML+AWR)")
+    inner_batch: int = arg(256, "inner (adaptation) batch: contiguous transitions of one task")
+    outer_batch: int = arg(256, "outer (meta) batch: random transitions of the same task")
+    meta_batch: int = arg(5, "tasks per meta-step (all of them if a benchmark has fewer)")
+    inner_lr_init: float = arg(1e-3, "initial learned inner step size, softplus(l) ~ this")
+    adv_coef_init: float = arg(0.01, "initial advantage-head loss weight softplus(lambda)")
+    outer_policy_lr: float = arg(1e-4, "Adam learning rate of the policy")
+    outer_value_lr: float = arg(1e-5, "Adam learning rate of the value function")
+    outer_log_lr_lr: float = arg(1e-3, "Adam learning rate of the step sizes and lambda")
+    discount: float = arg(0.99, "discount of the Monte-Carlo returns")
+    action_sigma: float = arg(0.2, "fixed std of the Gaussian policy used in the log-likelihood")
+    adv_clip: float = arg(20.0, "AWR weights are exp(min(normalised advantage, log adv_clip))")
+    target_vf_alpha: float = arg(0.9, "target value params = alpha * phi + (1 - alpha) * adapted phi")
+    buffer_skip: int = arg(1, "keep every k-th transition of each task's data (authors: 7)")
+    vmap_tasks: bool = arg(False, "vectorise the meta-batch with torch.func.vmap instead of a loop")
+    # --- evaluation
+    eval_batch: int = arg(256, "offline transitions of a test task given for adaptation")
+    final_eval_rollouts: int = arg(10, "adaptation draws x rollouts per test task in the final summary")
+    # --- offline data
+    data_seed: int = arg(0, "seed of the data collectors")
+    collector_steps: int = arg(-1, "env steps of each task's collector; -1 = the benchmark's default")
+    regenerate_data: bool = arg(False, "delete and regenerate this env's offline data")
+
+    def resolve(self, bench):
+        """Fill the benchmark-dependent defaults (-1) and check every value before any work starts."""
+        for name in ("steps", "eval_every", "collector_steps"):
+            if getattr(self, name) == -1:
+                setattr(self, name, bench.defaults[name])
+        self.run_name = self.run_name or f"{self.env}-seed{self.seed}"
+        positive = ["steps", "eval_every", "threads", "net_width", "net_depth", "latent_dim",
+                    "adv_head_width", "inner_batch", "outer_batch", "meta_batch", "buffer_skip",
+                    "eval_batch", "final_eval_rollouts", "collector_steps"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name in ("inner_lr_init", "adv_coef_init", "outer_policy_lr", "outer_value_lr",
+                     "outer_log_lr_lr", "action_sigma"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        if not 0 < self.discount <= 1 or not 0 <= self.target_vf_alpha <= 1 or self.adv_clip <= 1:
+            raise UserError("need 0 < --discount <= 1, 0 <= --target-vf-alpha <= 1 and --adv-clip > 1")
+        try:
+            torch.empty(0, device=self.device)
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"--device {self.device} is not usable here ({str(e).splitlines()[0]}); try --device cpu")
+        return self
+
+
+def parse_config(argv=None):
+    """Build the CLI from the Config fields: --field-name, or --no-field for booleans that default on."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            if f.default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                    help=f.metadata["help"])
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
+                                help=f.metadata["help"] + f" (default {f.default})")
+    return Config(**vars(parser.parse_args(argv)))
+
+
+# ================================================================================================
+# 2. Tasks. A benchmark = an env whose reward depends on a task parameter + train/test task lists.
+#    Adding one: write its env (with set_task), add a Benchmark entry to BENCHMARKS.
+# ================================================================================================
+class CheetahDir(gym.Wrapper):
+    """HalfCheetah-v5, 200-step episodes, reward d * v_x - 0.05 * ||a||^2 for direction d in {-1, +1}.
+
+    gymnasium's observation is 17-d (qpos[1:], qvel); the authors' was 20-d (plus the torso COM).
+    """
+
+    def __init__(self):
+        super().__init__(gym.make("HalfCheetah-v5", max_episode_steps=200))
+        self.task = 1.0
+
+    def set_task(self, task):
+        self.task = float(task)
+
+    def step(self, action):
+        obs, _, terminated, truncated, info = self.env.step(action)
+        reward = self.task * info["x_velocity"] - 0.05 * float(np.sum(np.square(action)))
+        return obs, reward, terminated, truncated, info
+
+
+class PointRobot(gym.Env):
+    """A 2-D point starting at the origin; goal on the upper half unit circle; reward -||p - goal||.
+
+    Actions are clipped to [-0.1, 0.1]^2, episodes last 20 steps. Pure numpy: for tests and the tutorial.
+    """
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = gym.spaces.Box(-0.1, 0.1, (2,), np.float32)
+
+    def __init__(self):
+        self.goal = np.array([1.0, 0.0])
+        self.pos = np.zeros(2)
+        self.t = 0
+
+    def set_task(self, angle):
+        self.goal = np.array([np.cos(angle), np.sin(angle)])
+
+    def reset(self, seed=None, options=None):
+        self.pos, self.t = np.zeros(2), 0
+        return self.pos.astype(np.float32), {}
+
+    def step(self, action):
+        self.pos = self.pos + np.clip(action, -0.1, 0.1)
+        self.t += 1
+        reward = -float(np.linalg.norm(self.pos - self.goal))
+        return self.pos.astype(np.float32), reward, False, self.t >= 20, {}
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    make_env: type
+    tasks: tuple  # task parameter of every task (train and test)
+    train_ids: tuple
+    test_ids: tuple
+    collector: str  # "sac" (a from-scratch agent's replay buffer) or "scripted" (annealed noise)
+    defaults: dict  # steps, eval_every, collector_steps
+
+
+def _point_goals(n=25, n_test=5):
+    angles = np.random.default_rng(0).uniform(0, np.pi, n)
+    return tuple(angles.tolist()), tuple(range(n - n_test)), tuple(range(n - n_test, n))
+
+
+BENCHMARKS = {
+    # Official split: 2 tasks, test tasks = train tasks.
+    "cheetah-dir": Benchmark("cheetah-dir", CheetahDir, (1.0, -1.0), (0, 1), (0, 1), "sac",
+                             dict(steps=6000, eval_every=500, collector_steps=60_000)),
+    # 20 training goals, 5 held-out goals.
+    "point-robot": Benchmark("point-robot", PointRobot, *_point_goals(), "scripted",
+                             dict(steps=400, eval_every=100, collector_steps=2_000)),
+}
+
+
+def get_benchmark(name):
+    if name not in BENCHMARKS:
+        raise UserError(f"unknown env '{name}'; valid envs: {', '.join(BENCHMARKS)}")
+    return BENCHMARKS[name]
+
+
+def make_task_env(bench, task_id):
+    env = bench.make_env()
+    env.set_task(bench.tasks[task_id])
+    return env
+
+
+def rollout(env, act, seed):
+    """Return of one episode; act maps an observation (np array) to an action (np array)."""
+    obs, _ = env.reset(seed=seed)
+    total, done = 0.0, False
+    while not done:
+        action = np.clip(act(obs), env.action_space.low, env.action_space.high)
+        obs, reward, terminated, truncated, _ = env.step(action)
+        total += reward
+        done = terminated or truncated
+    return total
+
+
+def random_policy_return(env, seed, episodes=10):
+    rng = np.random.default_rng(seed)
+    low, high = env.action_space.low, env.action_space.high
+    return float(np.mean([rollout(env, lambda o: rng.uniform(low, high), seed + i) for i in range(episodes)]))
+
+
+# ================================================================================================
+# 3. Offline data: collect (SAC replay buffers), store (.npz, atomic), load (validated),
+#    Monte-Carlo targets, batch sampling.
+# ================================================================================================
+def mlp(sizes, out_act=None):
+    layers = []
+    for i in range(len(sizes) - 1):
+        layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
+    return nn.Sequential(*layers[:-1], *([out_act] if out_act else []))
+
+
+class SAC(nn.Module):
+    """Soft actor-critic (Haarnoja et al. 2018), the data collector; twin Q, learned temperature."""
+
+    def __init__(self, obs_dim, act_dim, width=128):
+        super().__init__()
+        self.actor = mlp([obs_dim, width, width, 2 * act_dim])
+        self.q1, self.q2 = (mlp([obs_dim + act_dim, width, width, 1]) for _ in range(2))
+        self.q1_targ, self.q2_targ = (mlp([obs_dim + act_dim, width, width, 1]) for _ in range(2))
+        self.q1_targ.load_state_dict(self.q1.state_dict())
+        self.q2_targ.load_state_dict(self.q2.state_dict())
+        self.log_alpha = nn.Parameter(torch.zeros(()))
+        self.target_entropy = -act_dim
+        self.pi_opt = torch.optim.Adam(self.actor.parameters(), lr=3e-4)
+        self.q_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=3e-4)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=3e-4)
+
+    def sample(self, obs, deterministic=False):
+        """tanh-squashed Gaussian in [-1, 1]: action and its log-probability."""
+        mean, log_std = self.actor(obs).chunk(2, -1)
+        std = log_std.clamp(-5, 2).exp()
+        u = mean if deterministic else mean + std * torch.randn_like(mean)
+        action = torch.tanh(u)
+        logp = (torch.distributions.Normal(mean, std).log_prob(u)
+                - 2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return action, logp
+
+    def q(self, nets, obs, act):
+        x = torch.cat([obs, act], -1)
+        return torch.min(nets[0](x), nets[1](x)).squeeze(-1)
+
+    def update(self, obs, act, rew, next_obs, term, gamma=0.99, tau=0.005):
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():  # soft Bellman backup with the target critics
+            next_act, next_logp = self.sample(next_obs)
+            target = rew + gamma * (1 - term) * (self.q((self.q1_targ, self.q2_targ), next_obs, next_act)
+                                                 - alpha * next_logp)
+        x = torch.cat([obs, act], -1)
+        q_loss = F.mse_loss(self.q1(x).squeeze(-1), target) + F.mse_loss(self.q2(x).squeeze(-1), target)
+        self.q_opt.zero_grad()
+        q_loss.backward()
+        self.q_opt.step()
+        new_act, logp = self.sample(obs)
+        pi_loss = (alpha * logp - self.q((self.q1, self.q2), obs, new_act)).mean()
+        self.pi_opt.zero_grad()
+        pi_loss.backward()
+        self.pi_opt.step()
+        alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+        self.alpha_opt.zero_grad()
+        alpha_loss.backward()
+        self.alpha_opt.step()
+        with torch.no_grad():
+            for net, targ in ((self.q1, self.q1_targ), (self.q2, self.q2_targ)):
+                for p, pt in zip(net.parameters(), targ.parameters()):
+                    pt.lerp_(p, tau)
+
+
+def collect_sac(env, steps, seed, position=0, random_steps=2000, batch_size=256):
+    """Train SAC from scratch on one task; its whole replay buffer is that task's offline data."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    scale = env.action_space.high  # SAC acts in [-1, 1]; env actions are scale * that
+    agent = SAC(obs_dim, act_dim)
+    buf = {k: np.zeros((steps, d), np.float32) for k, d in
+           (("observations", obs_dim), ("actions", act_dim), ("next_observations", obs_dim))}
+    buf.update({k: np.zeros(steps, np.float32) for k in ("rewards", "terminations", "truncations")})
+    obs, _ = env.reset(seed=seed)
+    from tqdm import tqdm
+    bar = tqdm(range(steps), desc=f"SAC task {position}", position=position, mininterval=2, leave=True)
+    episode_return, last_return = 0.0, float("nan")
+    for t in bar:
+        if t < random_steps:
+            a = rng.uniform(-1, 1, act_dim).astype(np.float32)
+        else:
+            with torch.no_grad():
+                a = agent.sample(torch.as_tensor(obs, dtype=torch.float32))[0].numpy()
+        next_obs, reward, terminated, truncated, _ = env.step(a * scale)
+        for k, v in (("observations", obs), ("actions", a * scale), ("next_observations", next_obs),
+                     ("rewards", reward), ("terminations", terminated), ("truncations", truncated)):
+            buf[k][t] = v
+        episode_return += reward
+        obs = next_obs
+        if terminated or truncated:
+            obs, _ = env.reset()
+            last_return, episode_return = episode_return, 0.0
+            bar.set_postfix(episode_return=f"{last_return:.0f}", refresh=False)
+        if t >= random_steps:
+            idx = rng.integers(0, t + 1, batch_size)
+            b = {k: torch.as_tensor(v[idx]) for k, v in buf.items()}
+            agent.update(b["observations"], b["actions"] / torch.as_tensor(scale), b["rewards"],
+                         b["next_observations"], b["terminations"])
+    bar.close()
+    with torch.no_grad():
+        act = lambda o: agent.sample(torch.as_tensor(o, dtype=torch.float32), deterministic=True)[0].numpy() * scale
+        buf["collector_return"] = np.mean([rollout(env, act, seed + 10_000 + i) for i in range(5)])
+    return buf
+
+
+def collect_scripted(env, steps, seed):
+    """Point-robot collector: a go-to-goal controller whose action noise anneals from pure noise to
+    none over the data, so the data spans random to competent behaviour like a replay buffer."""
+    rng = np.random.default_rng(seed)
+    low, high = env.action_space.low, env.action_space.high
+    expert = lambda o: np.clip(env.goal - o, low, high)
+    keys = ("observations", "actions", "rewards", "next_observations", "terminations", "truncations")
+    buf = {k: [] for k in keys}
+    obs, _ = env.reset(seed=seed)
+    for t in range(steps):
+        noise = 1.0 - t / steps
+        a = np.clip((1 - noise) * expert(obs) + noise * rng.uniform(low, high), low, high)
+        next_obs, reward, terminated, truncated, _ = env.step(a)
+        for k, v in zip(keys, (obs, a, reward, next_obs, terminated, truncated)):
+            buf[k].append(v)
+        obs = env.reset()[0] if terminated or truncated else next_obs
+    buf = {k: np.asarray(v, np.float32) for k, v in buf.items()}
+    buf["collector_return"] = rollout(env, expert, seed)
+    return buf
+
+
+def collect_task(bench_name, task_id, steps, seed, path):
+    """Collect one task's data and write it atomically (runs in a worker process for SAC)."""
+    torch.set_num_threads(1)
+    bench = BENCHMARKS[bench_name]
+    env = make_task_env(bench, task_id)
+    if bench.collector == "sac":
+        data = collect_sac(env, steps, seed, position=task_id)
+    else:
+        data = collect_scripted(env, steps, seed)
+    data["truncations"][-1] = max(data["truncations"][-1], 1 - data["terminations"][-1])  # close the last episode
+    data.update(env=bench_name, task_id=task_id, task=np.float64(bench.tasks[task_id]), seed=seed,
+                random_return=random_policy_return(env, seed + 20_000), collector=bench.collector,
+                format_version=DATA_FORMAT_VERSION)
+    save_npz_atomic(path, data)
+    return task_id
+
+
+def atomic_write(path, write):
+    """Write via a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_npz_atomic(path, data):
+    atomic_write(path, lambda f: np.savez(f, **data))
+
+
+def task_data_path(cfg, task_id):
+    return Path(cfg.data_dir) / cfg.env / f"task{task_id}.npz"
+
+
+def ensure_data(cfg, bench):
+    """Generate the missing tasks' data (in parallel processes), keep what is already there."""
+    folder = Path(cfg.data_dir) / cfg.env
+    if cfg.regenerate_data and folder.exists():
+        for p in folder.glob("task*.npz"):
+            p.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    missing = [k for k in range(len(bench.tasks)) if not task_data_path(cfg, k).exists()]
+    if not missing:
+        return
+    print(f"Generating offline data for {len(missing)} {cfg.env} task(s) in {folder}/ "
+          f"({bench.collector} collector, {cfg.collector_steps} steps each; done once, reused later)")
+    jobs = [(cfg.env, k, cfg.collector_steps, cfg.data_seed * 1000 + k, task_data_path(cfg, k)) for k in missing]
+    workers = min(os.cpu_count() or 1, len(missing))
+    if bench.collector == "sac" and workers > 1:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            for fut in concurrent.futures.as_completed([ex.submit(collect_task, *j) for j in jobs]):
+                fut.result()
+    else:
+        threads = torch.get_num_threads()
+        for j in jobs:
+            collect_task(*j)
+        torch.set_num_threads(threads)
+
+
+DATA_KEYS = {"observations": "obs", "actions": "act", "rewards": None, "next_observations": "obs",
+             "terminations": None, "truncations": None}
+
+
+def load_task_data(path, bench, task_id):
+    """Load one task's .npz and check it; any problem -> UserError naming the file and the fix."""
+    fix = f"delete {path} or pass --regenerate-data"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); {fix}") from None
+    missing = [k for k in (*DATA_KEYS, "env", "task", "format_version", "collector_return", "random_return")
+               if k not in data]
+    if missing:
+        raise UserError(f"{path} lacks keys {missing}; {fix}")
+    if int(data["format_version"]) != DATA_FORMAT_VERSION or str(data["env"]) != bench.name:
+        raise UserError(f"{path} was made for env {data['env']} format {data['format_version']}, "
+                        f"need {bench.name} format {DATA_FORMAT_VERSION}; {fix}")
+    if not np.isclose(float(data["task"]), bench.tasks[task_id]):
+        raise UserError(f"{path} holds task {float(data['task'])}, expected {bench.tasks[task_id]}; {fix}")
+    env = bench.make_env()
+    dims = {"obs": env.observation_space.shape[0], "act": env.action_space.shape[0]}
+    n = len(data["rewards"])
+    for key, kind in DATA_KEYS.items():
+        shape = (n, dims[kind]) if kind else (n,)
+        if data[key].shape != shape:
+            raise UserError(f"{path}: {key} has shape {data[key].shape}, expected {shape}; {fix}")
+        if not np.all(np.isfinite(data[key])):
+            raise UserError(f"{path}: {key} holds NaN or inf; {fix}")
+    if n < 2 or not (data["terminations"][-1] or data["truncations"][-1]):
+        raise UserError(f"{path}: the data must end with a finished episode; {fix}")
+    return data
+
+
+def monte_carlo_targets(rewards, next_obs, episode_ends, discount):
+    """Per step t of an episode ending at T: mc_return_t = sum_{k=t}^{T-1} gamma^(k-t) r_k,
+    terminal_obs_t = s_T (the last next-observation), terminal_discount_t = gamma^(T-t)."""
+    n = len(rewards)
+    mc_return = np.zeros(n, np.float64)
+    terminal_obs = np.zeros_like(next_obs)
+    terminal_discount = np.zeros(n, np.float64)
+    running, end = 0.0, None
+    for t in reversed(range(n)):  # sweep backwards, restarting at every episode end
+        if episode_ends[t]:
+            running, end, disc = 0.0, t, 1.0
+        running = rewards[t] + discount * running
+        disc *= discount
+        mc_return[t], terminal_obs[t], terminal_discount[t] = running, next_obs[end], disc
+    return mc_return.astype(np.float32), terminal_obs, terminal_discount.astype(np.float32)
+
+
+BATCH_FIELDS = ("obs", "actions", "mc_return", "terminal_obs", "terminal_discount")
+
+
+class TaskData:
+    """One task's offline transitions as tensors, with the MACAW batch samplers."""
+
+    def __init__(self, data, cfg):
+        mc, term_obs, term_disc = monte_carlo_targets(
+            data["rewards"], data["next_observations"],
+            np.logical_or(data["terminations"], data["truncations"]), cfg.discount)
+        keep = slice(None, None, cfg.buffer_skip)  # targets first, then subsample (as the authors do)
+        arrays = (data["observations"], data["actions"], mc, term_obs, term_disc)
+        self.tensors = {k: torch.as_tensor(a[keep], device=cfg.device) for k, a in zip(BATCH_FIELDS, arrays)}
+        self.size = len(self.tensors["obs"])
+        self.collector_return = float(data["collector_return"])
+        self.random_return = float(data["random_return"])
+
+    def contiguous_batch(self, n, gen):
+        """Inner batch: n consecutive rows (a slice of a few trajectories), as the authors sample it."""
+        start = int(torch.randint(0, self.size - n + 1, (), generator=gen))
+        return {k: v[start:start + n] for k, v in self.tensors.items()}
+
+    def random_batch(self, n, gen):
+        """Outer batch (and the test-time adaptation batch): n distinct random rows."""
+        idx = torch.randperm(self.size, generator=gen)[:n].to(self.tensors["obs"].device)
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+
+def load_benchmark_data(cfg, bench):
+    ensure_data(cfg, bench)
+    tasks = [TaskData(load_task_data(task_data_path(cfg, k), bench, k), cfg) for k in range(len(bench.tasks))]
+    need = max(cfg.inner_batch, cfg.outer_batch, cfg.eval_batch)
+    small = [k for k, t in enumerate(tasks) if t.size < need]
+    if small:
+        raise UserError(f"tasks {small} have {tasks[small[0]].size} transitions (after --buffer-skip "
+                        f"{cfg.buffer_skip}), fewer than a batch of {need}; lower the batch or the skip")
+    return tasks
+
+
+# ================================================================================================
+# 4. Networks. Every linear layer is a weight-transform layer (WLinear) unless --no-weight-transform.
+# ================================================================================================
+class WLinear(nn.Module):
+    """y = x W + b with (W, b) generated from a learned latent: theta = T z + c (paper sec. 4.2).
+
+    A gradient step on (z, T, c) changes W by a rank-rich update (d theta = -a_T g z.z - T a_z T^T g ...)
+    instead of the plain -a g x^T of a linear layer: the "expressivity of the MAML update" argument.
+    """
+
+    def __init__(self, in_features, out_features, latent_dim=100):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.z = nn.Parameter(torch.randn(latent_dim) / out_features)  # N(0, (1/out)^2), as the authors
+        self.fc = nn.Linear(latent_dim, in_features * out_features + out_features)  # T (weight) and c (bias)
+
+    def forward(self, x):
+        theta = self.fc(self.z)  # (in*out + out,)
+        n = self.in_features * self.out_features
+        weight = theta[:n].view(self.in_features, self.out_features)  # row-major: W[i, j] = theta[i*out + j]
+        return x @ weight + theta[n:]  # (B, out)
+
+
+def make_layer(in_features, out_features, cfg):
+    if cfg.weight_transform:
+        return WLinear(in_features, out_features, cfg.latent_dim)
+    return nn.Linear(in_features, out_features)
+
+
+def layer_stack(sizes, cfg):
+    return nn.Sequential(OrderedDict((f"fc_{i}", make_layer(sizes[i], sizes[i + 1], cfg))
+                                     for i in range(len(sizes) - 1)))
+
+
+class ValueNet(nn.Module):
+    """V(s): obs -> width x depth (ReLU) -> 1."""
+
+    def __init__(self, obs_dim, cfg):
+        super().__init__()
+        self.seq = layer_stack([obs_dim] + [cfg.net_width] * cfg.net_depth + [1], cfg)
+
+    def forward(self, obs):
+        x = obs
+        for i, layer in enumerate(self.seq):
+            x = layer(x) if i == len(self.seq) - 1 else F.relu(layer(x))
+        return x.squeeze(-1)  # (B,)
+
+
+class PolicyNet(nn.Module):
+    """mu(s) = tanh(MLP(s)); with actions also the advantage head A_hat(s, a) (paper sec. 4.3).
+
+    The head reads h, the last hidden layer BEFORE its ReLU, and the dataset action:
+    A_hat = fc_1(ReLU(fc_0(ReLU([h, a])))). It only appears in the inner loss, where regressing the
+    advantage gives the one adaptation step information that the AWR weights alone lose.
+    """
+
+    def __init__(self, obs_dim, act_dim, cfg):
+        super().__init__()
+        self.seq = layer_stack([obs_dim] + [cfg.net_width] * cfg.net_depth + [act_dim], cfg)
+        if cfg.adv_head:
+            self.head_seq = layer_stack([cfg.net_width + act_dim, cfg.adv_head_width, 1], cfg)
+
+    def forward(self, obs, actions=None):
+        x = obs
+        for layer in self.seq[:-1]:
+            h = layer(x)  # pre-activation of the last hidden layer after the loop
+            x = F.relu(h)
+        mu = torch.tanh(self.seq[-1](x))  # (B, act)
+        if actions is None:
+            return mu
+        head_in = F.relu(torch.cat([h, actions], -1))
+        adv = self.head_seq.fc_1(F.relu(self.head_seq.fc_0(head_in))).squeeze(-1)  # (B,)
+        return mu, adv
+
+
+class MACAW(nn.Module):
+    """All meta-parameters: value and policy weights, one learned step size per parameter tensor
+    (l_i, used as softplus(l_i)), and the advantage-head loss weight lambda (used as softplus)."""
+
+    def __init__(self, obs_dim, act_dim, cfg):
+        super().__init__()
+        self.value = ValueNet(obs_dim, cfg)
+        self.policy = PolicyNet(obs_dim, act_dim, cfg)
+        init = math.log(cfg.inner_lr_init)  # the authors store log(lr): softplus(log 1e-3) = 9.995e-4
+        self.value_log_lrs = nn.Parameter(torch.full((len(list(self.value.parameters())),), init))
+        self.policy_log_lrs = nn.Parameter(torch.full((len(list(self.policy.parameters())),), init))
+        self.adv_coef_log = nn.Parameter(torch.tensor(math.log(cfg.adv_coef_init)))
+
+    def params(self):
+        """The value and policy weights as dicts name -> tensor, in parameter (= step size) order."""
+        return dict(self.value.named_parameters()), dict(self.policy.named_parameters())
+
+
+# ================================================================================================
+# 5. Losses. `batch` is a dict of tensors: obs (B, obs), actions (B, act), mc_return (B,),
+#    terminal_obs (B, obs), terminal_discount (B,). Params are dicts: torch.func style.
+# ================================================================================================
+def value_loss(value, vparams, batch, target):
+    """Mean squared error of V(s) against a target (B,)."""
+    return (functional_call(value, vparams, (batch["obs"],)) - target).pow(2).mean()
+
+
+def bootstrapped_return(value, vparams, batch):
+    """mc_return + gamma^(T-t) V(s_T): the Monte-Carlo return with the tail bootstrapped. (B,)"""
+    return batch["mc_return"] + batch["terminal_discount"] * functional_call(value, vparams, (batch["terminal_obs"],))
+
+
+def advantages(value, vparams, batch):
+    """A(s, a) = mc_return + gamma^(T-t) V(s_T) - V(s), never differentiated. (B,)"""
+    vparams = {k: v.detach() for k, v in vparams.items()}
+    return (bootstrapped_return(value, vparams, batch) - functional_call(value, vparams, (batch["obs"],))).detach()
+
+
+def awr_weights(adv, adv_clip):
+    """w = exp(min(A_n, log clip)), A_n = (A - mean A) / std A (unbiased std, temperature 1)."""
+    normalised = (adv - adv.mean()) / adv.std()
+    return torch.exp(torch.clamp(normalised, max=math.log(adv_clip)))
+
+
+def gaussian_log_prob(mu, actions, sigma):
+    """log N(a; mu, sigma^2 I), summed over action dimensions. (B,)"""
+    return (-0.5 * ((actions - mu) / sigma).pow(2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def awr_policy_loss(policy, pparams, batch, adv, cfg):
+    """AWR (Peng et al. 2019): mean[-w * log pi(a|s)], the outer policy loss."""
+    mu = functional_call(policy, pparams, (batch["obs"],))
+    return (-awr_weights(adv, cfg.adv_clip) * gaussian_log_prob(mu, batch["actions"], cfg.action_sigma)).mean()
+
+
+def inner_policy_loss(policy, pparams, adv_coef_log, batch, adv, cfg):
+    """mean[-w * log pi(a|s) + softplus(lambda) * (A_hat(s, a) - A)^2]; the head uses the raw A.
+    Returns (loss, head term)."""
+    if not cfg.adv_head:
+        return awr_policy_loss(policy, pparams, batch, adv, cfg), torch.zeros(())
+    mu, adv_hat = functional_call(policy, pparams, (batch["obs"], batch["actions"]))
+    awr = -awr_weights(adv, cfg.adv_clip) * gaussian_log_prob(mu, batch["actions"], cfg.action_sigma)
+    head = F.softplus(adv_coef_log) * (adv_hat - adv).pow(2)
+    return (awr + head).mean(), head.mean()
+
+
+# ================================================================================================
+# 6. Inner and outer loops.
+# ================================================================================================
+def sgd_step(params, grads, log_lrs):
+    """One inner step, each tensor with its own learned step size: p' = p - softplus(l_i) * g_i."""
+    return {k: p - F.softplus(l) * grads[k] for (k, p), l in zip(params.items(), log_lrs)}
+
+
+def adapt(model, vparams, pparams, inner, cfg):
+    """MACAW's inner loop on one task's inner batch: one value step, then one policy step.
+
+    Differentiable (torch.func.grad keeps the graph), so the outer loss can reach the meta-params
+    through the adapted params: the full second-order MAML gradient. Returns the adapted value and
+    policy params and the inner losses.
+    """
+    def value_step_loss(p):  # 1. L_V = mean (V_phi(s) - mc_return)^2: plain Monte-Carlo regression
+        loss = value_loss(model.value, p, inner, inner["mc_return"])
+        return loss, loss.detach()
+
+    v_grads, inner_v = grad(value_step_loss, has_aux=True)(vparams)
+    adapted_v = sgd_step(vparams, v_grads, model.value_log_lrs)  # phi' = phi - softplus(l_V) * grad
+    adv = advantages(model.value, adapted_v, inner)  # 3. from the ADAPTED value function, no gradient
+
+    def policy_step_loss(p):  # 5. AWR + softplus(lambda) * advantage-head regression
+        loss, head = inner_policy_loss(model.policy, p, model.adv_coef_log, inner, adv, cfg)
+        return loss, (loss.detach(), head.detach())
+
+    p_grads, (inner_pi, head) = grad(policy_step_loss, has_aux=True)(pparams)
+    adapted_p = sgd_step(pparams, p_grads, model.policy_log_lrs)  # theta' = theta - softplus(l_pi) * grad
+    return adapted_v, adapted_p, dict(inner_value=inner_v, inner_policy=inner_pi, inner_head=head)
+
+
+def task_meta_losses(model, vparams, pparams, inner, outer, cfg):
+    """One task's outer losses (the meta-objective), evaluated at the adapted params. Returns a dict
+    of scalars: outer_value and outer_policy carry gradients, the rest are for logging."""
+    adapted_v, adapted_p, stats = adapt(model, vparams, pparams, inner, cfg)
+    # 2. Outer value loss at phi' against mc_return + gamma^(T-t) V_tgt(s_T), where the target params
+    #    V_tgt = alpha * phi + (1 - alpha) * phi' are a fresh, gradient-free mix (no target network).
+    a = cfg.target_vf_alpha
+    target_v = {k: (a * vparams[k] + (1 - a) * adapted_v[k]).detach() for k in vparams}
+    target = bootstrapped_return(model.value, target_v, outer).detach()
+    outer_v = value_loss(model.value, adapted_v, outer, target)
+    # 6. Outer policy loss: plain AWR at theta' on the outer batch, advantages from phi'; no head term.
+    adv = advantages(model.value, adapted_v, outer)
+    outer_pi = awr_policy_loss(model.policy, adapted_p, outer, adv, cfg)
+    return dict(outer_value=outer_v, outer_policy=outer_pi, **stats)
+
+
+def meta_losses(model, batches, cfg):
+    """Per-task losses of a meta-batch, each (tasks,). batches: list of (inner, outer) dicts.
+
+    The loop over tasks is the readable form; --vmap-tasks stacks the batches to (tasks, B, ...)
+    and maps the same function with torch.func.vmap. A test checks both give the same gradients.
+    """
+    vparams, pparams = model.params()
+    per_task = lambda inner, outer: task_meta_losses(model, vparams, pparams, inner, outer, cfg)
+    if cfg.vmap_tasks:
+        stack = lambda i: {k: torch.stack([b[i][k] for b in batches]) for k in BATCH_FIELDS}
+        return vmap(per_task)(stack(0), stack(1))
+    losses = [per_task(inner, outer) for inner, outer in batches]
+    return {k: torch.stack([l[k] for l in losses]) for k in losses[0]}
+
+
+def make_optimizers(model, cfg):
+    """Adam on the value (1e-5), the policy (1e-4), and the step sizes + lambda (1e-3)."""
+    return [torch.optim.Adam(model.value.parameters(), lr=cfg.outer_value_lr),
+            torch.optim.Adam(model.policy.parameters(), lr=cfg.outer_policy_lr),
+            torch.optim.Adam([model.value_log_lrs, model.policy_log_lrs, model.adv_coef_log],
+                             lr=cfg.outer_log_lr_lr)]
+
+
+class NonFiniteError(Exception):
+    pass
+
+
+def sample_meta_batch(task_data, train_ids, cfg, gen):
+    """meta_batch training tasks (all of them, in order, if there are fewer), each with an inner
+    batch of contiguous rows and an outer batch of random rows from the same task's data."""
+    if cfg.meta_batch >= len(train_ids):
+        ids = list(train_ids)
+    else:
+        ids = [train_ids[i] for i in torch.randperm(len(train_ids), generator=gen)[:cfg.meta_batch].tolist()]
+    return [(task_data[k].contiguous_batch(cfg.inner_batch, gen), task_data[k].random_batch(cfg.outer_batch, gen))
+            for k in ids]
+
+
+def meta_train_step(model, optimizers, batches, n_train_tasks, cfg):
+    """One MACAW meta-step: sum over tasks of (outer value + outer policy loss) / number of TRAINING
+    tasks (as the authors divide), one backward through the inner steps, one Adam step each."""
+    losses = meta_losses(model, batches, cfg)
+    total = (losses["outer_value"].sum() + losses["outer_policy"].sum()) / n_train_tasks
+    stats = {k: v.mean().item() for k, v in losses.items()}
+    if not math.isfinite(total.item()):
+        raise NonFiniteError(", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    total.backward()
+    for opt in optimizers:
+        opt.step()
+    return stats
+
+
+# ================================================================================================
+# 7. Evaluation: adapt on 256 offline transitions of a test task, act in THAT task's env.
+# ================================================================================================
+def policy_actor(policy, pparams, device):
+    """Deterministic actor: obs (np) -> mu(s) (np); the rollout clips it to the action bounds."""
+    pparams = {k: v.detach() for k, v in pparams.items()}
+
+    def act(obs):
+        with torch.no_grad():
+            obs = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            return functional_call(policy, pparams, (obs,))[0].cpu().numpy()
+    return act
+
+
+def evaluate(model, bench, task_data, cfg, gen, rollouts=1):
+    """Per test task: mean over `rollouts` of the pre- and post-adaptation 200-step returns; each
+    rollout adapts on a fresh random batch of eval_batch transitions (one value, one policy step)."""
+    vparams, pparams = model.params()
+    results = {}
+    for k in bench.test_ids:
+        env = make_task_env(bench, k)  # the env is switched to the task being evaluated
+        pre, post = [], []
+        for r in range(rollouts):
+            batch = task_data[k].random_batch(cfg.eval_batch, gen)
+            _, adapted_p, _ = adapt(model, vparams, pparams, batch, cfg)
+            env_seed = 10_000 * cfg.seed + r
+            pre.append(rollout(env, policy_actor(model.policy, pparams, cfg.device), env_seed))
+            post.append(rollout(env, policy_actor(model.policy, adapted_p, cfg.device), env_seed))
+        results[k] = dict(pre=float(np.mean(pre)), post=float(np.mean(post)))
+    return results
+
+
+def normalized_score(ret, data):
+    """(return - random policy) / (collector - random policy): 0 = random, 1 = the data's collector."""
+    return (ret - data.random_return) / (data.collector_return - data.random_return)
+
+
+# ================================================================================================
+# 8. Main: data -> meta-training (with periodic evaluation, log, checkpoint) -> summary and plot.
+# ================================================================================================
+def git_commit():
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions():
+    import mujoco
+    return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
+                gymnasium=gym.__version__, mujoco=mujoco.__version__, machine=platform.machine(),
+                cpus=os.cpu_count(), commit=git_commit())
+
+
+def save_checkpoint(path, model, optimizers, gen, step, wall_time, cfg):
+    state = dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                 generator=gen.get_state(), torch_rng=torch.get_rng_state(), step=step,
+                 wall_time=wall_time, config=dataclasses.asdict(cfg))
+    if not all(torch.isfinite(v).all() for v in state["model"].values()):
+        raise NonFiniteError("non-finite parameters; the checkpoint was not overwritten")
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def read_log(path, up_to_step):
+    """The JSONL log's records up to a step (a resumed run drops what came after its checkpoint)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] <= up_to_step]
+
+
+def plot_run(records, task_data, bench, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax_ret, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in records if "eval" in r]
+    for n, k in enumerate(bench.test_ids):
+        color = f"C{n}"
+        label = f"task {k} ({bench.tasks[k]:+.2f})"
+        ax_ret.plot(steps, [r["eval"][str(k)]["post"] for r in records if "eval" in r], color=color,
+                    label=f"{label} adapted")
+        ax_ret.plot(steps, [r["eval"][str(k)]["pre"] for r in records if "eval" in r], color=color,
+                    ls="--", alpha=0.6, label=f"{label} before adaptation")
+        if len(bench.test_ids) <= 2:
+            ax_ret.axhline(task_data[k].collector_return, color=color, ls=":", lw=1, label=f"{label} collector")
+    ax_ret.set(xlabel="meta-training step", ylabel="episode return", title=f"{bench.name}: test-task returns")
+    ax_ret.legend(fontsize=7)
+    train = [r for r in records if "outer_value" in r]
+    for key in ("outer_value", "outer_policy", "inner_policy"):
+        ax_loss.plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    ax_loss.set(xlabel="meta-training step", ylabel="loss", yscale="symlog", title="meta-training losses")
+    ax_loss.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def summarize(cfg, bench, task_data, final_eval, wall_time):
+    tasks = {}
+    for k, res in final_eval.items():
+        d = task_data[k]
+        tasks[str(k)] = dict(task=bench.tasks[k], collector_return=d.collector_return,
+                             random_return=d.random_return, pre_return=res["pre"], post_return=res["post"],
+                             normalized=normalized_score(res["post"], d))
+    return dict(env=cfg.env, seed=cfg.seed, steps=cfg.steps, wall_time_s=round(wall_time, 1),
+                commit=git_commit(), command="python macaw.py " + " ".join(sys.argv[1:]),
+                final_eval_rollouts=cfg.final_eval_rollouts,
+                mean_normalized=float(np.mean([t["normalized"] for t in tasks.values()])),
+                tasks=tasks, versions=versions())
+
+
+def print_summary(summary):
+    print(f"\n{summary['env']}, seed {summary['seed']}, {summary['steps']} steps, "
+          f"{summary['wall_time_s'] / 60:.1f} min; returns averaged over {summary['final_eval_rollouts']} "
+          f"adaptations per task")
+    print(f"{'task':>12} {'collector':>10} {'random':>9} {'pre-adapt':>10} {'adapted':>9} {'normalised':>11}")
+    for k, t in summary["tasks"].items():
+        name = f"{k} ({t['task']:+.2f})"
+        print(f"{name:>12} {t['collector_return']:10.1f} {t['random_return']:9.1f} "
+              f"{t['pre_return']:10.1f} {t['post_return']:9.1f} {t['normalized']:11.2f}")
+    print(f"mean normalised score: {summary['mean_normalized']:.2f}")
+
+
+def load_resume_config(cfg):
+    """--resume <run dir>: the saved config wins, except --steps (to extend a run) and --resume."""
+    run_dir = Path(cfg.resume)
+    if not (run_dir / "checkpoint.pt").exists():
+        raise UserError(f"--resume {run_dir}: no checkpoint.pt there; pass a run folder such as runs/<run-name>")
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved["steps"] = cfg.steps if cfg.steps != -1 else saved["steps"]
+    saved.update(resume=cfg.resume, out=str(run_dir.parent), run_name=run_dir.name)
+    return Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+
+
+def check_writable(folder):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror}); pass a writable --out") from None
+
+
+class Interrupted(Exception):
+    pass
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def train(cfg):
+    """Run MACAW end to end; returns the summary dict (also written to <run>/summary.json)."""
+    from tqdm import tqdm
+    if cfg.resume:
+        cfg = load_resume_config(cfg)
+    bench = get_benchmark(cfg.env)
+    cfg.resolve(bench)
+    run_dir = Path(cfg.out) / cfg.run_name
+    check_writable(run_dir)
+    check_writable(Path(cfg.data_dir) / cfg.env)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+
+    t0 = time.time()
+    task_data = load_benchmark_data(cfg, bench)
+    data_time = time.time() - t0
+    env = bench.make_env()
+    model = MACAW(env.observation_space.shape[0], env.action_space.shape[0], cfg).to(cfg.device)
+    optimizers = make_optimizers(model, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)  # all batch sampling draws from this
+    step, wall_time = 0, 0.0
+    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
+    if cfg.resume:
+        state = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        for opt, s in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, wall_time = state["step"], state["wall_time"]
+        print(f"Resuming {run_dir} at step {step}")
+    records = read_log(log_path, step)
+    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+    write_json(run_dir / "versions.json", versions())
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"MACAW on {cfg.env}: {len(bench.train_ids)} train / {len(bench.test_ids)} test tasks, "
+          f"{n_params:,} meta-parameters, {cfg.steps} steps -> {run_dir}/")
+
+    def save_log():
+        atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
+
+    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+    bar = tqdm(total=cfg.steps, initial=step, desc="meta-train", mininterval=1, dynamic_ncols=True)
+    running, t_start, interval_start = [], time.time() - wall_time, time.time()
+    try:
+        while step < cfg.steps:
+            batches = sample_meta_batch(task_data, bench.train_ids, cfg, gen)
+            try:
+                stats = meta_train_step(model, optimizers, batches, len(bench.train_ids), cfg)
+            except NonFiniteError as e:
+                raise UserError(f"non-finite loss at step {step + 1} ({e}); the last good checkpoint is "
+                                f"{ckpt_path} (step {records[-1]['step'] if records else 0})") from None
+            step += 1
+            running.append(stats)
+            bar.update(1)
+            bar.set_postfix(v=f"{stats['outer_value']:.3g}", pi=f"{stats['outer_policy']:.3g}", refresh=False)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                record = dict(step=step, time=round(time.time() - t_start, 1),
+                              **{k: float(np.mean([r[k] for r in running])) for k in running[0]})
+                record["steps_per_s"] = round(len(running) / (time.time() - interval_start), 2)
+                record["eval"] = {str(k): v for k, v in evaluate(model, bench, task_data, cfg, gen).items()}
+                running = []
+                records.append(record)
+                bar.write(f"step {step}: " + "  ".join(
+                    f"task {k} pre {v['pre']:.0f} post {v['post']:.0f}" for k, v in record["eval"].items()))
+                wall_time = time.time() - t_start
+                save_checkpoint(ckpt_path, model, optimizers, gen, step, wall_time, cfg)
+                save_log()
+                plot_run(records, task_data, bench, run_dir / "curves.png")
+                interval_start = time.time()
+    except Interrupted as e:
+        bar.close()
+        wall_time = time.time() - t_start
+        save_checkpoint(ckpt_path, model, optimizers, gen, step, wall_time, cfg)
+        save_log()
+        raise UserError(f"{e}: stopped at step {step}; saved {ckpt_path}; continue with "
+                        f"python macaw.py --resume {run_dir}") from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    bar.close()
+    final = evaluate(model, bench, task_data, cfg, gen, rollouts=cfg.final_eval_rollouts)
+    wall_time = time.time() - t_start
+    summary = summarize(cfg, bench, task_data, final, wall_time)
+    summary["data_time_s"] = round(data_time, 1)
+    write_json(run_dir / "summary.json", summary)
+    print_summary(summary)
+    print(f"Wrote {run_dir}/: config.json, log.jsonl, checkpoint.pt, curves.png, summary.json")
+    return summary
+
+
+def main(argv=None):
+    try:
+        cfg = parse_config(argv)
+        get_benchmark(cfg.env)  # fail fast on an unknown env
+        train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
