@@ -112,6 +112,10 @@ class Config:
                 raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
         if not 0 < self.discount <= 1 or not 0 <= self.target_vf_alpha <= 1 or self.adv_clip <= 1:
             raise UserError("need 0 < --discount <= 1, 0 <= --target-vf-alpha <= 1 and --adv-clip > 1")
+        batch = max(self.inner_batch, self.outer_batch, self.eval_batch)
+        if batch > self.collector_steps // self.buffer_skip:
+            raise UserError(f"a batch of {batch} exceeds a task's {self.collector_steps // self.buffer_skip} "
+                            f"transitions (--collector-steps / --buffer-skip); lower the batch sizes")
         try:
             torch.empty(0, device=self.device)
         except (RuntimeError, ValueError) as e:
@@ -399,6 +403,9 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
