@@ -78,7 +78,7 @@ class Config:
     inner_lr_init: float = arg(1e-3, "initial learned inner step size, softplus(l) ~ this")
     adv_coef_init: float = arg(0.01, "initial advantage-head loss weight softplus(lambda)")
     outer_policy_lr: float = arg(1e-4, "Adam learning rate of the policy")
-    outer_value_lr: float = arg(1e-5, "Adam learning rate of the value function")
+    outer_value_lr: float = arg(1e-4, "Adam learning rate of the value function (authors: 1e-5; README)")
     outer_log_lr_lr: float = arg(1e-3, "Adam learning rate of the step sizes and lambda")
     discount: float = arg(0.99, "discount of the Monte-Carlo returns")
     action_sigma: float = arg(0.2, "fixed std of the Gaussian policy used in the log-likelihood")
@@ -210,7 +210,7 @@ def _point_goals(n=25, n_test=5):
 BENCHMARKS = {
     # Official split: 2 tasks, test tasks = train tasks.
     "cheetah-dir": Benchmark("cheetah-dir", CheetahDir, (1.0, -1.0), (0, 1), (0, 1), "sac",
-                             dict(steps=6000, eval_every=500, collector_steps=60_000)),
+                             dict(steps=10_000, eval_every=500, collector_steps=60_000)),
     # 20 training goals, 5 held-out goals.
     "point-robot": Benchmark("point-robot", PointRobot, *_point_goals(), "scripted",
                              dict(steps=400, eval_every=100, collector_steps=2_000)),
@@ -886,7 +886,7 @@ def plot_run(records, task_data, bench, path):
     plt.close(fig)
 
 
-def summarize(cfg, bench, task_data, final_eval, wall_time):
+def summarize(cfg, bench, task_data, final_eval, wall_time, run_versions):
     tasks = {}
     for k, res in final_eval.items():
         d = task_data[k]
@@ -894,10 +894,10 @@ def summarize(cfg, bench, task_data, final_eval, wall_time):
                              random_return=d.random_return, pre_return=res["pre"], post_return=res["post"],
                              normalized=normalized_score(res["post"], d))
     return dict(env=cfg.env, seed=cfg.seed, steps=cfg.steps, wall_time_s=round(wall_time, 1),
-                commit=git_commit(), command="python macaw.py " + " ".join(sys.argv[1:]),
+                commit=run_versions["commit"], command="python macaw.py " + " ".join(sys.argv[1:]),
                 final_eval_rollouts=cfg.final_eval_rollouts,
                 mean_normalized=float(np.mean([t["normalized"] for t in tasks.values()])),
-                tasks=tasks, versions=versions())
+                tasks=tasks, versions=run_versions)
 
 
 def print_summary(summary):
@@ -972,7 +972,8 @@ def train(cfg):
         print(f"Resuming {run_dir} at step {step}")
     records = read_log(log_path, step)
     write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-    write_json(run_dir / "versions.json", versions())
+    run_versions = versions()  # read once: the commit the run started from
+    write_json(run_dir / "versions.json", run_versions)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"MACAW on {cfg.env}: {len(bench.train_ids)} train / {len(bench.test_ids)} test tasks, "
           f"{n_params:,} meta-parameters, {cfg.steps} steps -> {run_dir}/")
@@ -1022,7 +1023,7 @@ def train(cfg):
     bar.close()
     final = evaluate(model, bench, task_data, cfg, gen, rollouts=cfg.final_eval_rollouts)
     wall_time = time.time() - t_start
-    summary = summarize(cfg, bench, task_data, final, wall_time)
+    summary = summarize(cfg, bench, task_data, final, wall_time, run_versions)
     summary["data_time_s"] = round(data_time, 1)
     write_json(run_dir / "summary.json", summary)
     print_summary(summary)
