@@ -947,6 +947,9 @@ def train(cfg):
     bench = get_benchmark(cfg.env)
     cfg.resolve(bench)
     run_dir = Path(cfg.out) / cfg.run_name
+    if not cfg.resume and (run_dir / "checkpoint.pt").exists():
+        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                        f"or pass another --run-name (or delete the folder)")
     check_writable(run_dir)
     check_writable(Path(cfg.data_dir) / cfg.env)
     torch.set_num_threads(cfg.threads)
