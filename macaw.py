@@ -838,10 +838,12 @@ def versions():
                 cpus=os.cpu_count(), commit=git_commit())
 
 
-def save_checkpoint(path, model, optimizers, gen, step, wall_time, cfg):
+def save_checkpoint(path, model, optimizers, gen, step, wall_time, running, cfg):
+    """Everything a resumed run needs to continue exactly: weights, Adam states, RNG states, the step,
+    and the losses of the current logging interval (`running`)."""
     state = dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                  generator=gen.get_state(), torch_rng=torch.get_rng_state(), step=step,
-                 wall_time=wall_time, config=dataclasses.asdict(cfg))
+                 wall_time=wall_time, running=running, config=dataclasses.asdict(cfg))
     if not all(torch.isfinite(v).all() for v in state["model"].values()):
         raise NonFiniteError("non-finite parameters; the checkpoint was not overwritten")
     atomic_write(path, lambda f: torch.save(state, f))
@@ -931,12 +933,8 @@ def check_writable(folder):
         raise UserError(f"cannot write to {folder} ({e.strerror}); pass a writable --out") from None
 
 
-class Interrupted(Exception):
-    pass
-
-
-def raise_interrupted(signum, frame):
-    raise Interrupted(signal.Signals(signum).name)
+class Interrupted(UserError):
+    """Ctrl-C or SIGTERM: the run saved a checkpoint and stopped cleanly (exit code 130)."""
 
 
 def train(cfg):
@@ -962,7 +960,7 @@ def train(cfg):
     model = MACAW(env.observation_space.shape[0], env.action_space.shape[0], cfg).to(cfg.device)
     optimizers = make_optimizers(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)  # all batch sampling draws from this
-    step, wall_time = 0, 0.0
+    step, wall_time, running = 0, 0.0, []
     ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
     if cfg.resume:
         state = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
@@ -971,7 +969,7 @@ def train(cfg):
             opt.load_state_dict(s)
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        step, wall_time = state["step"], state["wall_time"]
+        step, wall_time, running = state["step"], state["wall_time"], state["running"]
         print(f"Resuming {run_dir} at step {step}")
     records = read_log(log_path, step)
     write_json(run_dir / "config.json", dataclasses.asdict(cfg))
@@ -984,11 +982,18 @@ def train(cfg):
     def save_log():
         atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
-    previous = {s: signal.signal(s, raise_interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
+    def checkpoint():
+        save_checkpoint(ckpt_path, model, optimizers, gen, step, time.time() - t_start, running, cfg)
+        save_log()
+
+    # Ctrl-C / SIGTERM only set a flag, checked between meta-steps, so a checkpoint never holds half a step.
+    stop = []
+    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signal.Signals(signum).name))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=cfg.steps, initial=step, desc="meta-train", mininterval=1, dynamic_ncols=True)
-    running, t_start, interval_start = [], time.time() - wall_time, time.time()
+    t_start, interval_start = time.time() - wall_time, time.time()
     try:
-        while step < cfg.steps:
+        while step < cfg.steps and not stop:
             batches = sample_meta_batch(task_data, bench.train_ids, cfg, gen)
             try:
                 stats = meta_train_step(model, optimizers, batches, len(bench.train_ids), cfg)
@@ -1008,22 +1013,17 @@ def train(cfg):
                 records.append(record)
                 bar.write(f"step {step}: " + "  ".join(
                     f"task {k} pre {v['pre']:.0f} post {v['post']:.0f}" for k, v in record["eval"].items()))
-                wall_time = time.time() - t_start
-                save_checkpoint(ckpt_path, model, optimizers, gen, step, wall_time, cfg)
-                save_log()
+                checkpoint()
                 plot_run(records, task_data, bench, run_dir / "curves.png")
                 interval_start = time.time()
-    except Interrupted as e:
-        bar.close()
-        wall_time = time.time() - t_start
-        save_checkpoint(ckpt_path, model, optimizers, gen, step, wall_time, cfg)
-        save_log()
-        raise UserError(f"{e}: stopped at step {step}; saved {ckpt_path}; continue with "
-                        f"python macaw.py --resume {run_dir}") from None
     finally:
+        bar.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    bar.close()
+    if stop:
+        checkpoint()
+        raise Interrupted(f"{stop[0]}: stopped at step {step}; saved {ckpt_path}; continue with "
+                          f"python macaw.py --resume {run_dir}")
     final = evaluate(model, bench, task_data, cfg, gen, rollouts=cfg.final_eval_rollouts)
     wall_time = time.time() - t_start
     summary = summarize(cfg, bench, task_data, final, wall_time, run_versions)
@@ -1040,8 +1040,8 @@ def main(argv=None):
         get_benchmark(cfg.env)  # fail fast on an unknown env
         train(cfg)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, Interrupted) else 2)
 
 
 if __name__ == "__main__":

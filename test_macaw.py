@@ -381,7 +381,7 @@ def test_same_seed_same_losses_and_checkpoint_roundtrip(tmp_path):
     model, opts, gen, losses = run(3)
     assert losses == run(3)[3]
     path = tmp_path / "ckpt.pt"
-    macaw.save_checkpoint(path, model, opts, gen, 3, 1.0, cfg)
+    macaw.save_checkpoint(path, model, opts, gen, 3, 1.0, [], cfg)
     state = torch.load(path, weights_only=False)
     restored = macaw.MACAW(2, 2, cfg)
     restored.load_state_dict(state["model"])
@@ -402,3 +402,128 @@ def test_point_robot_adaptation_beats_unadapted_and_random(tmp_path):
     assert mean("post_return") > mean("random_return") + 5, summary["tasks"]
     assert all(t["post_return"] > t["random_return"] + 3 for t in tasks), summary["tasks"]
     assert summary["mean_normalized"] > 0.4
+
+
+# ------------------------------------------------------------------------------------------------
+# Reliability: interruption, resume, bad data, numerical faults, reproducibility.
+# ------------------------------------------------------------------------------------------------
+def read_log_without_timing(path):
+    drop = ("time", "steps_per_s")
+    return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in path.read_text().splitlines()]
+
+
+def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    args = [sys.executable, str(HERE / "macaw.py"), *TINY, "--eval-every", "10"]
+    proc = subprocess.Popen([*args, "--steps", "100000"], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    run = tmp_path / "runs" / "point-robot-seed1"
+    deadline = time.time() + 120
+    while not (run / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few steps into the next logging interval
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    last_line = err.strip().splitlines()[-1]  # (the lines above it are the progress bar)
+    assert last_line.startswith("stopped: SIGTERM") and "--resume" in last_line
+    stopped_at = torch.load(run / "checkpoint.pt", weights_only=False)["step"]
+    assert stopped_at >= 10
+
+    end = stopped_at + 15  # finish mid-interval, so the losses carried over the stop are checked too
+    resumed = subprocess.run([sys.executable, str(HERE / "macaw.py"), "--resume", str(run), "--steps", str(end)],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    straight = subprocess.run([*args, "--steps", str(end), "--run-name", "straight"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    assert read_log_without_timing(run / "log.jsonl") == read_log_without_timing(
+        tmp_path / "runs" / "straight" / "log.jsonl")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary == {**json.loads((tmp_path / "runs" / "straight" / "summary.json").read_text()),
+                       "wall_time_s": summary["wall_time_s"], "command": summary["command"],
+                       "data_time_s": summary["data_time_s"]}
+
+
+def test_same_seed_gives_the_same_evaluation_returns_and_records_versions(tmp_path):
+    for name in ("a", "b"):
+        result = run_cli(*TINY, "--steps", "6", "--eval-every", "3", "--run-name", name, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    logs = [read_log_without_timing(tmp_path / "runs" / n / "log.jsonl") for n in ("a", "b")]
+    assert logs[0] == logs[1] and "eval" in logs[0][0]
+    versions = json.loads((tmp_path / "runs" / "a" / "versions.json").read_text())
+    for key in ("python", "torch", "numpy", "gymnasium", "mujoco", "commit"):
+        assert versions[key], key
+    config = json.loads((tmp_path / "runs" / "a" / "config.json").read_text())
+    assert config["steps"] == 6 and config["net_width"] == 16
+
+
+def test_interrupted_data_generation_keeps_finished_tasks(tmp_path, monkeypatch):
+    cfg = macaw.Config(env="point-robot", data_dir=str(tmp_path), collector_steps=400)
+    bench = macaw.BENCHMARKS["point-robot"]
+    cfg.resolve(bench)
+    original, calls = macaw.collect_scripted, []
+
+    def collect_then_interrupt(env, steps, seed):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C while the third task is being collected
+        return original(env, steps, seed)
+
+    monkeypatch.setattr(macaw, "collect_scripted", collect_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        macaw.ensure_data(cfg, bench)
+    written = sorted(p.name for p in (tmp_path / "point-robot").iterdir())
+    assert written == ["task0.npz", "task1.npz"]  # no partial third file, no temporary leftovers
+    mtimes = [macaw.task_data_path(cfg, k).stat().st_mtime_ns for k in (0, 1)]
+    monkeypatch.setattr(macaw, "collect_scripted", original)
+    macaw.ensure_data(cfg, bench)
+    assert [macaw.task_data_path(cfg, k).stat().st_mtime_ns for k in (0, 1)] == mtimes  # reused
+    assert len(macaw.load_benchmark_data(cfg, bench)) == len(bench.tasks)
+
+
+def test_non_finite_loss_stops_with_step_terms_and_checkpoint(tmp_path, monkeypatch):
+    cfg = macaw.Config(env="point-robot", data_dir=str(tmp_path / "data"), out=str(tmp_path / "runs"),
+                       net_width=16, latent_dim=8, inner_batch=32, outer_batch=32, eval_batch=32,
+                       collector_steps=400, steps=10, eval_every=2)
+    original, calls = macaw.meta_losses, []
+
+    def poisoned(model, batches, cfg):
+        losses = original(model, batches, cfg)
+        calls.append(1)
+        if len(calls) == 5:
+            losses["outer_value"] = losses["outer_value"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(macaw, "meta_losses", poisoned)
+    with pytest.raises(macaw.UserError) as err:
+        macaw.train(cfg)
+    message = str(err.value)
+    assert "non-finite loss at step 5" in message and "outer_value=nan" in message
+    assert "checkpoint.pt (step 4)" in message
+    state = torch.load(tmp_path / "runs" / "point-robot-seed1" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_checkpoint_refuses_non_finite_parameters(tmp_path):
+    cfg = small_config()
+    model = macaw.MACAW(5, 2, cfg)
+    opts = macaw.make_optimizers(model, cfg)
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(b"last good checkpoint")
+    with torch.no_grad():
+        model.value.seq.fc_0.z[0] = float("inf")
+    with pytest.raises(macaw.NonFiniteError):
+        macaw.save_checkpoint(path, model, opts, torch.Generator(), 1, 0.0, [], cfg)
+    assert path.read_bytes() == b"last good checkpoint"
+
+
+def test_unwritable_output_dir_fails_before_work(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    result = run_cli(*TINY, "--out", str(tmp_path / "a_file" / "runs"), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--out" in lines[0]
+    assert not (tmp_path / "data").exists()  # no data generated
