@@ -119,7 +119,8 @@ class Config:
         try:
             torch.empty(0, device=self.device)
         except (RuntimeError, ValueError) as e:
-            raise UserError(f"--device {self.device} is not usable here ({str(e).splitlines()[0]}); try --device cpu")
+            reason = str(e).splitlines()[0]
+            raise UserError(f"--device {self.device} is not usable here ({reason}); try --device cpu") from None
         return self
 
 
@@ -251,11 +252,12 @@ def random_policy_return(env, seed, episodes=10):
 # 3. Offline data: collect (SAC replay buffers), store (.npz, atomic), load (validated),
 #    Monte-Carlo targets, batch sampling.
 # ================================================================================================
-def mlp(sizes, out_act=None):
+def mlp(sizes):
+    """Plain ReLU MLP (for the SAC collector)."""
     layers = []
     for i in range(len(sizes) - 1):
         layers += [nn.Linear(sizes[i], sizes[i + 1]), nn.ReLU()]
-    return nn.Sequential(*layers[:-1], *([out_act] if out_act else []))
+    return nn.Sequential(*layers[:-1])
 
 
 class SAC(nn.Module):
@@ -542,8 +544,10 @@ def load_benchmark_data(cfg, bench):
 class WLinear(nn.Module):
     """y = x W + b with (W, b) generated from a learned latent: theta = T z + c (paper sec. 4.2).
 
-    A gradient step on (z, T, c) changes W by a rank-rich update (d theta = -a_T g z.z - T a_z T^T g ...)
-    instead of the plain -a g x^T of a linear layer: the "expressivity of the MAML update" argument.
+    With g = dL/dtheta, one SGD step on (z, T, c) moves theta by -(a_T |z|^2 + a_c) g - a_z T T^T g
+    (to first order): the T T^T term mixes the gradients of ALL weights, so even one example gives a
+    full-rank change of W, where a plain linear layer's step -a sum_i g_i x_i^T has rank <= batch size.
+    This is the paper's "expressivity of the MAML update" argument (the tutorial shows the ranks).
     """
 
     def __init__(self, in_features, out_features, latent_dim=100):

@@ -3,7 +3,6 @@
 Run with `pytest` (the README's command also executes tutorial.ipynb).
 """
 import json
-import math
 import os
 import subprocess
 import sys
