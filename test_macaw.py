@@ -190,6 +190,21 @@ def test_meta_gradients_reach_every_meta_parameter(flags):
         assert model.adv_coef_log.grad.item() != 0  # lambda, reached only through theta'
 
 
+def test_loop_and_vmap_give_the_same_meta_gradient():
+    """The readable loop over tasks (the default) and torch.func.vmap over tasks are the same function."""
+    grads = []
+    for vmap_tasks in (False, True):
+        torch.manual_seed(0)
+        cfg = small_config(vmap_tasks=vmap_tasks)
+        model = macaw.MACAW(5, 2, cfg)
+        batches = [(random_batch(32, seed=2 * t), random_batch(32, seed=2 * t + 1)) for t in range(3)]
+        losses = macaw.meta_losses(model, batches, cfg)
+        ((losses["outer_value"].sum() + losses["outer_policy"].sum()) / 3).backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        assert ((grads[1][name] - g).norm() / g.norm()).item() < 1e-4, name
+
+
 def test_meta_training_changes_step_sizes_and_memory_stays_flat():
     torch.manual_seed(0)
     cfg = small_config()
