@@ -923,7 +923,10 @@ def load_resume_config(cfg):
     run_dir = Path(cfg.resume)
     if not (run_dir / "checkpoint.pt").exists():
         raise UserError(f"--resume {run_dir}: no checkpoint.pt there; pass a run folder such as runs/<run-name>")
-    saved = json.loads((run_dir / "config.json").read_text())
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"--resume {run_dir}: cannot read config.json ({e}); the run folder is incomplete") from None
     saved["steps"] = cfg.steps if cfg.steps != -1 else saved["steps"]
     saved.update(resume=cfg.resume, out=str(run_dir.parent), run_name=run_dir.name)
     return Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
