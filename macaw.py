@@ -542,7 +542,7 @@ def load_benchmark_data(cfg, bench):
 # 4. Networks. Every linear layer is a weight-transform layer (WLinear) unless --no-weight-transform.
 # ================================================================================================
 class WLinear(nn.Module):
-    """y = x W + b with (W, b) generated from a learned latent: theta = T z + c (paper sec. 4.2).
+    """y = x W + b with (W, b) generated from a learned latent: theta = T z + c (the paper's "weight transform").
 
     With g = dL/dtheta, one SGD step on (z, T, c) moves theta by -(a_T |z|^2 + a_c) g - a_z T T^T g
     (to first order): the T T^T term mixes the gradients of ALL weights, so even one example gives a
@@ -589,7 +589,7 @@ class ValueNet(nn.Module):
 
 
 class PolicyNet(nn.Module):
-    """mu(s) = tanh(MLP(s)); with actions also the advantage head A_hat(s, a) (paper sec. 4.3).
+    """mu(s) = tanh(MLP(s)); given dataset actions too, also the advantage head's A_hat(s, a).
 
     The head reads h, the last hidden layer BEFORE its ReLU, and the dataset action:
     A_hat = fc_1(ReLU(fc_0(ReLU([h, a])))). It only appears in the inner loss, where regressing the
@@ -682,7 +682,9 @@ def inner_policy_loss(policy, pparams, adv_coef_log, batch, adv, cfg):
 
 
 # ================================================================================================
-# 6. Inner and outer loops.
+# 6. Inner and outer loops (the paper's Algorithm 1). Comments number the pieces in the order they
+#    run: 1 inner value step, 2 outer value loss, 3 advantages, 4 AWR weights (inside the losses),
+#    5 inner policy step, 6 outer policy loss. Defaults: authors' config/alg/standard.json.
 # ================================================================================================
 def sgd_step(params, grads, log_lrs):
     """One inner step, each tensor with its own learned step size: p' = p - softplus(l_i) * g_i."""
