@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
+from tqdm import tqdm
 
 DATA_FORMAT_VERSION = 1
 
@@ -327,7 +328,6 @@ def collect_sac(env, steps, seed, position=0, random_steps=2000, batch_size=256)
            (("observations", obs_dim), ("actions", act_dim), ("next_observations", obs_dim))}
     buf.update({k: np.zeros(steps, np.float32) for k in ("rewards", "terminations", "truncations")})
     obs, _ = env.reset(seed=seed)
-    from tqdm import tqdm
     bar = tqdm(range(steps), desc=f"SAC task {position}", position=position, mininterval=2, leave=True)
     episode_return, last_return = 0.0, float("nan")
     for t in bar:
@@ -392,7 +392,7 @@ def collect_task(bench_name, task_id, steps, seed, path):
     data.update(env=bench_name, task_id=task_id, task=np.float64(bench.tasks[task_id]), seed=seed,
                 random_return=random_policy_return(env, seed + 20_000), collector=bench.collector,
                 format_version=DATA_FORMAT_VERSION)
-    save_npz_atomic(path, data)
+    atomic_write(path, lambda f: np.savez(f, **data))
     return task_id
 
 
@@ -412,10 +412,6 @@ def atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
-
-
-def save_npz_atomic(path, data):
-    atomic_write(path, lambda f: np.savez(f, **data))
 
 
 def task_data_path(cfg, task_id):
@@ -934,12 +930,12 @@ def load_resume_config(cfg):
     return Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
 
 
-def check_writable(folder):
+def check_writable(folder, flag):
     try:
         folder.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:
-        raise UserError(f"cannot write to {folder} ({e.strerror}); pass a writable --out") from None
+        raise UserError(f"cannot write to {folder} ({e.strerror}); pass a writable {flag}") from None
 
 
 class Interrupted(UserError):
@@ -948,7 +944,6 @@ class Interrupted(UserError):
 
 def train(cfg):
     """Run MACAW end to end; returns the summary dict (also written to <run>/summary.json)."""
-    from tqdm import tqdm
     if cfg.resume:
         cfg = load_resume_config(cfg)
     bench = get_benchmark(cfg.env)
@@ -957,8 +952,8 @@ def train(cfg):
     if not cfg.resume and (run_dir / "checkpoint.pt").exists():
         raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
                         f"or pass another --run-name (or delete the folder)")
-    check_writable(run_dir)
-    check_writable(Path(cfg.data_dir) / cfg.env)
+    check_writable(run_dir, "--out")
+    check_writable(Path(cfg.data_dir) / cfg.env, "--data-dir")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
 

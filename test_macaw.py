@@ -262,7 +262,7 @@ class FakeTaskData:
         return self.batch
 
 
-def write_point_data(tmp_path, **overrides):
+def write_point_data(tmp_path):
     cfg = macaw.Config(env="point-robot", data_dir=str(tmp_path), collector_steps=400)
     bench = macaw.BENCHMARKS["point-robot"]
     cfg.resolve(bench)
@@ -327,6 +327,11 @@ def run_cli(*args, cwd):
                            capture_output=True, text=True, timeout=600)
 
 
+def read_log_without_timing(path):
+    drop = ("time", "steps_per_s")
+    return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in path.read_text().splitlines()]
+
+
 TINY = ["--env", "point-robot", "--net-width", "16", "--latent-dim", "8", "--inner-batch", "32",
         "--outer-batch", "32", "--eval-batch", "32", "--final-eval-rollouts", "1", "--collector-steps", "400"]
 
@@ -371,9 +376,8 @@ def test_tiny_cli_run_writes_its_files_and_resumes(tmp_path):
     assert "Resuming" in result.stdout and "at step 4" in result.stdout
     result = run_cli(*TINY, "--steps", "6", "--eval-every", "2", "--run-name", "straight", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    drop = ("time", "steps_per_s")
-    read = lambda p: [{k: v for k, v in json.loads(l).items() if k not in drop} for l in p.read_text().splitlines()]
-    resumed, straight = read(run / "log.jsonl"), read(tmp_path / "runs" / "straight" / "log.jsonl")
+    resumed = read_log_without_timing(run / "log.jsonl")
+    straight = read_log_without_timing(tmp_path / "runs" / "straight" / "log.jsonl")
     assert [r["step"] for r in resumed] == [2, 4, 6]
     assert resumed == straight
 
@@ -421,11 +425,6 @@ def test_point_robot_adaptation_beats_unadapted_and_random(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Reliability: interruption, resume, bad data, numerical faults, reproducibility.
 # ------------------------------------------------------------------------------------------------
-def read_log_without_timing(path):
-    drop = ("time", "steps_per_s")
-    return [{k: v for k, v in json.loads(l).items() if k not in drop} for l in path.read_text().splitlines()]
-
-
 def test_sigterm_saves_and_resume_matches_an_uninterrupted_run(tmp_path):
     import signal
     import time
