@@ -890,7 +890,7 @@ def plot_run(records, task_data, bench, path):
     plt.close(fig)
 
 
-def summarize(cfg, bench, task_data, final_eval, wall_time, run_versions):
+def summarize(cfg, bench, task_data, final_eval, wall_time, data_time, run_versions):
     tasks = {}
     for k, res in final_eval.items():
         d = task_data[k]
@@ -898,7 +898,8 @@ def summarize(cfg, bench, task_data, final_eval, wall_time, run_versions):
                              random_return=d.random_return, pre_return=res["pre"], post_return=res["post"],
                              normalized=normalized_score(res["post"], d))
     return dict(env=cfg.env, seed=cfg.seed, steps=cfg.steps, wall_time_s=round(wall_time, 1),
-                commit=run_versions["commit"], command="python macaw.py " + " ".join(sys.argv[1:]),
+                data_time_s=round(data_time, 1), commit=run_versions["commit"],
+                command="python macaw.py " + " ".join(sys.argv[1:]),
                 final_eval_rollouts=cfg.final_eval_rollouts,
                 mean_normalized=float(np.mean([t["normalized"] for t in tasks.values()])),
                 tasks=tasks, versions=run_versions)
@@ -1030,8 +1031,7 @@ def train(cfg):
                           f"python macaw.py --resume {run_dir}")
     final = evaluate(model, bench, task_data, cfg, gen, rollouts=cfg.final_eval_rollouts)
     wall_time = time.time() - t_start
-    summary = summarize(cfg, bench, task_data, final, wall_time, run_versions)
-    summary["data_time_s"] = round(data_time, 1)
+    summary = summarize(cfg, bench, task_data, final, wall_time, data_time, run_versions)
     write_json(run_dir / "summary.json", summary)
     print_summary(summary)
     print(f"Wrote {run_dir}/: config.json, log.jsonl, checkpoint.pt, curves.png, summary.json")
