@@ -7,16 +7,77 @@ supervised regressions: Monte-Carlo value regression and advantage-weighted regr
 
     pip install -r requirements.txt
     python macaw.py --env cheetah-dir        # makes the offline data once, meta-trains, evaluates
-    python macaw.py --env point-robot        # a 2-D toy task that trains in about a minute
-    pytest                                   # the tests (and the tutorial notebook)
+    python macaw.py --env point-robot        # a 2-D toy task (~2 min on one CPU core)
+    python -m pytest                         # the tests (and the tutorial notebook)
 
-Reading order = data flow: config -> tasks -> offline data -> networks -> losses -> inner/outer
-loops -> evaluation -> main. Every default mirrors the authors' `config/alg/standard.json`
-unless the README's table "defaults that differ from the paper's code" says otherwise.
+How to read this file
+---------------------
+The algorithm is sections 1-7 (about 560 lines): config, tasks, the offline data as MACAW reads
+them, networks, losses, the inner/outer loops, evaluation. Sections 8 ("how the data are made":
+SAC and a scripted collector) and 9 ("running it": files, locks, checkpoints, logs, plots, the CLI)
+are machinery that a first read can skip. Every default mirrors the authors' `config/alg/standard.json`
+unless the README's table "Defaults that differ from the paper's code" says otherwise.
+
+Key equations (one notation everywhere; code names in [brackets])
+-----------------------------------------------------------------
+Data of one task: transitions (s_t, a_t, r_t); the episode holding step t ends at step T.
+    R_t = sum_{k=t}^{T-1} gamma^(k-t) r_k                     [mc_return; s_T: terminal_obs,
+                                                                 gamma^(T-t): terminal_discount]
+Meta-parameters: value weights phi, policy weights theta (trunk + advantage head), one unconstrained
+scalar l_j per parameter tensor giving its step size alpha_j = softplus(l_j) [raw_value_lrs,
+raw_policy_lrs], and an unconstrained lambda giving the head's loss weight softplus(lambda) [raw_adv_coef].
+D_in = inner batch (256 contiguous rows), D_out = outer batch (256 random rows) of the same task.
+  (1) inner value loss  L_V(phi)  = mean_{D_in} (V_phi(s_t) - R_t)^2
+                        phi'      = phi - alpha_V * grad L_V(phi)          (per tensor alpha_j)
+  (2) advantage         A(s_t, a_t) = R_t + gamma^(T-t) V_phi'(s_T) - V_phi'(s_t)    (no gradient)
+  (3) AWR weight        w = exp(min((A - mean A) / std A, log 20))    (batch mean, unbiased std)
+  (4) inner policy loss L_pi(theta) = mean_{D_in} [ -w log N(a_t; mu_theta(s_t), 0.2^2 I)
+                                                    + softplus(lambda) (A_hat_theta(s_t, a_t) - A)^2 ]
+                        theta'    = theta - alpha_pi * grad L_pi(theta)
+  (5) outer value loss  L_V^out   = mean_{D_out} (V_phi'(s_t) - [R_t + gamma^(T-t) V_phibar(s_T)])^2,
+                        phibar    = 0.9 phi + 0.1 phi'                   (no gradient through phibar)
+  (6) outer policy loss L_pi^out  = mean_{D_out} [ -w log N(a_t; mu_theta'(s_t), 0.2^2 I) ],
+                                    w from (2)-(3) on D_out with phi'
+Meta-objective over a meta-batch M of training tasks:
+    J(phi, theta, l, lambda) = (1 / N_train) sum_{i in M} (L_V^out_i + L_pi^out_i),
+minimised by Adam, differentiating through the inner steps (full second order).
+
+Algorithm 1 (meta-training), each line with the function that implements it
+---------------------------------------------------------------------------
+    for step = 1 .. steps:                                                    [train]
+        M = meta_batch training tasks, each with D_in and D_out               [sample_meta_batch]
+        for task i in M:                                                      [meta_losses]
+            phi'   <- one step on (1)                                         [adapt]
+            A, w   <- (2), (3) on D_in with phi'                              [advantages, awr_weights]
+            theta' <- one step on (4)                                         [adapt, inner_policy_loss]
+            L_V^out_i, L_pi^out_i <- (5), (6)                                 [task_meta_losses]
+        Adam step on grad J for phi, theta, l, lambda                         [meta_train_step]
+    Meta-test on a held-out task: D = 256 random offline rows of it; phi', theta' by (1)-(4) on D;
+    act with mu_theta'(s) in that task's environment                          [evaluate]
+
+Why each design choice (one line each)
+--------------------------------------
+- AWR, not an off-policy actor-critic: offline, a regression onto the data's own actions never
+  queries Q at unseen actions, and its gradient is a consistent learning signal in both loops.
+- Inner value target R_t (pure Monte-Carlo): one step from the data alone, no bootstrap to go wrong.
+- Outer value target bootstrapped through phibar: the tail beyond the data's episode end uses a
+  slow mix of phi and phi' as a target network that needs no extra state.
+- D_in contiguous, D_out and the test batch random: the inner batch imitates what a new task hands
+  over (a few consecutive episodes); the outer batch samples the whole buffer to judge the adaptation.
+- Outer losses divided by N_train (not |M|), as the authors do: a constant factor, which Adam's
+  scale invariance all but cancels (it changes only the effective epsilon).
+- Weight transform theta = T z + c per layer: the adapted weights move along a meta-learned mix
+  T T^T of the gradient, not only along the raw gradient (see WLinear).
+- Advantage head A_hat: the AWR weights squash the advantage into one scalar per sample; regressing
+  A itself in the inner step puts more information about the new task into the one step.
+- ReLU applied to [h, a] (the last hidden pre-activation AND the dataset action) inside the head:
+  faithful to the authors' code (it clips negative actions to 0 there), not a bug of this file.
 """
 import argparse
 import concurrent.futures
+import contextlib
 import dataclasses
+import io
 import json
 import math
 import multiprocessing
@@ -26,6 +87,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,6 +100,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
+
+try:
+    import fcntl  # OS file locks (Linux, macOS)
+except ImportError:  # Windows
+    fcntl = None
 
 DATA_FORMAT_VERSION = 1
 
@@ -106,11 +173,11 @@ class Config:
                     "eval_batch", "final_eval_rollouts", "collector_steps"]
         for name in positive:
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+                raise UserError(f"{flag_name(name)} must be >= 1 (got {getattr(self, name)})")
         for name in ("inner_lr_init", "adv_coef_init", "outer_policy_lr", "outer_value_lr",
                      "outer_log_lr_lr", "action_sigma"):
             if not getattr(self, name) > 0:
-                raise UserError(f"--{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+                raise UserError(f"{flag_name(name)} must be > 0 (got {getattr(self, name)})")
         if not 0 < self.discount <= 1 or not 0 <= self.target_vf_alpha <= 1 or self.adv_clip <= 1:
             raise UserError("need 0 < --discount <= 1, 0 <= --target-vf-alpha <= 1 and --adv-clip > 1")
         batch = max(self.inner_batch, self.outer_batch, self.eval_batch)
@@ -125,14 +192,18 @@ class Config:
         return self
 
 
+def flag_name(field_name):
+    return "--" + field_name.replace("_", "-")
+
+
 def parse_config(argv=None):
     """Build the CLI from the Config fields: --field-name, or --no-field for booleans that default on."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
+        flag = flag_name(f.name)
         if f.type is bool or f.type == "bool":
             if f.default:
-                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
                                     help=f.metadata["help"])
             else:
                 parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
@@ -249,9 +320,414 @@ def random_policy_return(env, seed, episodes=10):
     return float(np.mean([rollout(env, lambda o: rng.uniform(low, high), seed + i) for i in range(episodes)]))
 
 
+
+
 # ================================================================================================
-# 3. Offline data: collect (SAC replay buffers), store (.npz, atomic), load (validated),
-#    Monte-Carlo targets, batch sampling.
+# 3. The offline data, as MACAW reads them: one validated .npz per task, Monte-Carlo targets,
+#    the inner (contiguous) and outer (random) batch samplers. How the files are made: section 8.
+# ================================================================================================
+def task_data_path(cfg, task_id):
+    return Path(cfg.data_dir) / cfg.env / f"task{task_id}.npz"
+
+DATA_KEYS = {"observations": "obs", "actions": "act", "rewards": None, "next_observations": "obs",
+             "terminations": None, "truncations": None}
+
+
+def load_task_data(path, bench, task_id):
+    """Load one task's .npz and check it; any problem -> UserError naming the file and the fix."""
+    fix = f"delete {path} or pass --regenerate-data"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); {fix}") from None
+    missing = [k for k in (*DATA_KEYS, "env", "task", "format_version", "collector_return", "random_return")
+               if k not in data]
+    if missing:
+        raise UserError(f"{path} lacks keys {missing}; {fix}")
+    if int(data["format_version"]) != DATA_FORMAT_VERSION or str(data["env"]) != bench.name:
+        raise UserError(f"{path} was made for env {data['env']} format {data['format_version']}, "
+                        f"need {bench.name} format {DATA_FORMAT_VERSION}; {fix}")
+    if not np.isclose(float(data["task"]), bench.tasks[task_id]):
+        raise UserError(f"{path} holds task {float(data['task'])}, expected {bench.tasks[task_id]}; {fix}")
+    env = bench.make_env()
+    dims = {"obs": env.observation_space.shape[0], "act": env.action_space.shape[0]}
+    n = len(data["rewards"])
+    for key, kind in DATA_KEYS.items():
+        shape = (n, dims[kind]) if kind else (n,)
+        if data[key].shape != shape:
+            raise UserError(f"{path}: {key} has shape {data[key].shape}, expected {shape}; {fix}")
+        if not np.all(np.isfinite(data[key])):
+            raise UserError(f"{path}: {key} holds NaN or inf; {fix}")
+    if n < 2 or not (data["terminations"][-1] or data["truncations"][-1]):
+        raise UserError(f"{path}: the data must end with a finished episode; {fix}")
+    return data
+
+
+def monte_carlo_targets(rewards, next_obs, episode_ends, discount):
+    """Per step t of an episode ending at T: mc_return_t = sum_{k=t}^{T-1} gamma^(k-t) r_k,
+    terminal_obs_t = s_T (the last next-observation), terminal_discount_t = gamma^(T-t)."""
+    n = len(rewards)
+    mc_return = np.zeros(n, np.float64)
+    terminal_obs = np.zeros_like(next_obs)
+    terminal_discount = np.zeros(n, np.float64)
+    running, end = 0.0, None
+    for t in reversed(range(n)):  # sweep backwards, restarting at every episode end
+        if episode_ends[t]:
+            running, end, disc = 0.0, t, 1.0
+        running = rewards[t] + discount * running
+        disc *= discount
+        mc_return[t], terminal_obs[t], terminal_discount[t] = running, next_obs[end], disc
+    return mc_return.astype(np.float32), terminal_obs, terminal_discount.astype(np.float32)
+
+
+BATCH_FIELDS = ("obs", "actions", "mc_return", "terminal_obs", "terminal_discount")
+
+
+class TaskData:
+    """One task's offline transitions as tensors, with the MACAW batch samplers."""
+
+    def __init__(self, data, cfg):
+        mc, term_obs, term_disc = monte_carlo_targets(
+            data["rewards"], data["next_observations"],
+            np.logical_or(data["terminations"], data["truncations"]), cfg.discount)
+        keep = slice(None, None, cfg.buffer_skip)  # targets first, then subsample (as the authors do)
+        arrays = (data["observations"], data["actions"], mc, term_obs, term_disc)
+        self.tensors = {k: torch.as_tensor(a[keep], device=cfg.device) for k, a in zip(BATCH_FIELDS, arrays)}
+        self.size = len(self.tensors["obs"])
+        self.collector_return = float(data["collector_return"])
+        self.random_return = float(data["random_return"])
+
+    def contiguous_batch(self, n, gen):
+        """Inner batch: n consecutive rows (a slice of a few trajectories), as the authors sample it."""
+        start = int(torch.randint(0, self.size - n + 1, (), generator=gen))
+        return {k: v[start:start + n] for k, v in self.tensors.items()}
+
+    def random_batch(self, n, gen):
+        """Outer batch (and the test-time adaptation batch): n distinct random rows."""
+        idx = torch.randperm(self.size, generator=gen)[:n].to(self.tensors["obs"].device)
+        return {k: v[idx] for k, v in self.tensors.items()}
+
+
+def load_benchmark_data(cfg, bench):
+    ensure_data(cfg, bench)
+    tasks = [TaskData(load_task_data(task_data_path(cfg, k), bench, k), cfg) for k in range(len(bench.tasks))]
+    need = max(cfg.inner_batch, cfg.outer_batch, cfg.eval_batch)
+    small = [k for k, t in enumerate(tasks) if t.size < need]
+    if small:
+        raise UserError(f"tasks {small} have {tasks[small[0]].size} transitions (after --buffer-skip "
+                        f"{cfg.buffer_skip}), fewer than a batch of {need}; lower the batch or the skip")
+    return tasks
+
+
+# ================================================================================================
+# 4. Networks. Every linear layer is a weight-transform layer (WLinear) unless --no-weight-transform.
+# ================================================================================================
+class WLinear(nn.Module):
+    """y = x W + b with (W, b) generated from a learned latent: theta = T z + c (the paper's "weight transform").
+
+    W is (in, out) here, so for a batch with inputs x_i (rows) and output gradients d_i = dL/dy_i, the
+    gradient of a plain layer is G_W = sum_i x_i^T d_i (in x out) and its SGD step is -alpha G_W.
+    Write G = dL/dtheta for the same numbers laid out as one vector (G_W flattened, then G_b = sum_i d_i).
+    Since dL/dT = G z^T, dL/dz = T^T G and dL/dc = G, one SGD step on (z, T, c) moves theta by
+        -(a_T |z|^2 + a_c) G  -  a_z T T^T G          (to first order in the step sizes):
+    the plain layer's direction, rescaled, plus the gradient mixed through T T^T (rank <= latent_dim).
+    Rank is NOT what sets the two apart at MACAW's sizes: with a batch of 256 > width 100 the plain
+    step can already change W at full rank (at batch 1 it is rank 1; the tutorial shows both). What
+    the weight transform adds is that T (and so T T^T) is meta-learned: meta-training shapes which
+    weight changes one step from a few examples makes, a learned preconditioner, instead of the raw
+    gradient alone (the paper's "expressivity of the MAML update" argument is about what one step from
+    few examples can reach).
+    """
+
+    def __init__(self, in_features, out_features, latent_dim=100):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.z = nn.Parameter(torch.randn(latent_dim) / out_features)  # N(0, (1/out)^2), as the authors
+        self.fc = nn.Linear(latent_dim, in_features * out_features + out_features)  # T (weight) and c (bias)
+
+    def forward(self, x):
+        theta = self.fc(self.z)  # (in*out + out,)
+        n = self.in_features * self.out_features
+        weight = theta[:n].view(self.in_features, self.out_features)  # row-major: W[i, j] = theta[i*out + j]
+        return x @ weight + theta[n:]  # (B, out)
+
+
+def make_layer(in_features, out_features, cfg):
+    if cfg.weight_transform:
+        return WLinear(in_features, out_features, cfg.latent_dim)
+    return nn.Linear(in_features, out_features)
+
+
+def layer_stack(sizes, cfg):
+    return nn.Sequential(OrderedDict((f"fc_{i}", make_layer(sizes[i], sizes[i + 1], cfg))
+                                     for i in range(len(sizes) - 1)))
+
+
+class ValueNet(nn.Module):
+    """V(s): obs -> width x depth (ReLU) -> 1."""
+
+    def __init__(self, obs_dim, cfg):
+        super().__init__()
+        self.seq = layer_stack([obs_dim] + [cfg.net_width] * cfg.net_depth + [1], cfg)
+
+    def forward(self, obs):
+        x = obs
+        for i, layer in enumerate(self.seq):
+            x = layer(x) if i == len(self.seq) - 1 else F.relu(layer(x))
+        return x.squeeze(-1)  # (B,)
+
+
+class PolicyNet(nn.Module):
+    """mu(s) = tanh(MLP(s)); given dataset actions too, also the advantage head's A_hat(s, a).
+
+    The head reads h, the last hidden layer BEFORE its ReLU, and the dataset action:
+    A_hat = fc_1(ReLU(fc_0(ReLU([h, a])))). It only appears in the inner loss, where regressing the
+    advantage gives the one adaptation step information that the AWR weights alone lose.
+    The ReLU on [h, a] also zeroes the negative action components: that is what the authors' code
+    does (faithful on purpose, not a bug here).
+    """
+
+    def __init__(self, obs_dim, act_dim, cfg):
+        super().__init__()
+        self.seq = layer_stack([obs_dim] + [cfg.net_width] * cfg.net_depth + [act_dim], cfg)
+        if cfg.adv_head:
+            self.head_seq = layer_stack([cfg.net_width + act_dim, cfg.adv_head_width, 1], cfg)
+
+    def forward(self, obs, actions=None):
+        x = obs
+        for layer in self.seq[:-1]:
+            h = layer(x)  # pre-activation of the last hidden layer after the loop
+            x = F.relu(h)
+        mu = torch.tanh(self.seq[-1](x))  # (B, act)
+        if actions is None:
+            return mu
+        head_in = F.relu(torch.cat([h, actions], -1))
+        adv = self.head_seq.fc_1(F.relu(self.head_seq.fc_0(head_in))).squeeze(-1)  # (B,)
+        return mu, adv
+
+
+class MACAW(nn.Module):
+    """All meta-parameters: value weights phi, policy weights theta, and the unconstrained ("raw")
+    parameters behind the positive quantities, as in the Key Equations:
+        raw_value_lrs[j]  = l_j  -> step size alpha_j = softplus(l_j) of the j-th value tensor
+        raw_policy_lrs[j] = l_j  -> step size alpha_j = softplus(l_j) of the j-th policy tensor
+        raw_adv_coef      = lambda -> advantage-head loss weight softplus(lambda)
+    Softplus keeps them positive. They are initialised at log(x) as the authors do, so that
+    softplus(log 1e-3) = 9.995e-4 ~ inner_lr_init and softplus(log 0.01) = 0.00995 ~ adv_coef_init.
+    """
+
+    def __init__(self, obs_dim, act_dim, cfg):
+        super().__init__()
+        self.value = ValueNet(obs_dim, cfg)
+        self.policy = PolicyNet(obs_dim, act_dim, cfg)
+        init = math.log(cfg.inner_lr_init)
+        self.raw_value_lrs = nn.Parameter(torch.full((len(list(self.value.parameters())),), init))
+        self.raw_policy_lrs = nn.Parameter(torch.full((len(list(self.policy.parameters())),), init))
+        self.raw_adv_coef = nn.Parameter(torch.tensor(math.log(cfg.adv_coef_init)))
+
+    def params(self):
+        """The value and policy weights as dicts name -> tensor, in parameter (= step size) order."""
+        return dict(self.value.named_parameters()), dict(self.policy.named_parameters())
+
+
+# ================================================================================================
+# 5. Losses. `batch` is a dict of tensors: obs (B, obs), actions (B, act), mc_return (B,),
+#    terminal_obs (B, obs), terminal_discount (B,). Params are dicts: torch.func style.
+# ================================================================================================
+def value_loss(value, vparams, batch, target):
+    """Mean squared error of V(s) against a target (B,): equations (1) and (5)."""
+    return (functional_call(value, vparams, (batch["obs"],)) - target).pow(2).mean()
+
+
+def bootstrapped_return(value, vparams, batch):
+    """mc_return + gamma^(T-t) V(s_T): the Monte-Carlo return with the tail bootstrapped. (B,)"""
+    return batch["mc_return"] + batch["terminal_discount"] * functional_call(value, vparams, (batch["terminal_obs"],))
+
+
+def advantages(value, vparams, batch):
+    """Equation (2): A(s, a) = mc_return + gamma^(T-t) V(s_T) - V(s), never differentiated. (B,)"""
+    vparams = {k: v.detach() for k, v in vparams.items()}
+    return (bootstrapped_return(value, vparams, batch) - functional_call(value, vparams, (batch["obs"],))).detach()
+
+
+def awr_weights(adv, adv_clip):
+    """Equation (3): w = exp(min(A_n, log clip)), A_n = (A - mean A) / std A (unbiased std, temperature 1)."""
+    normalised = (adv - adv.mean()) / adv.std()
+    return torch.exp(torch.clamp(normalised, max=math.log(adv_clip)))
+
+
+def gaussian_log_prob(mu, actions, sigma):
+    """log N(a; mu, sigma^2 I), summed over action dimensions. (B,)"""
+    return (-0.5 * ((actions - mu) / sigma).pow(2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def awr_policy_loss(policy, pparams, batch, adv, cfg):
+    """AWR (Peng et al. 2019): mean[-w * log pi(a|s)], the outer policy loss (6)."""
+    mu = functional_call(policy, pparams, (batch["obs"],))
+    return (-awr_weights(adv, cfg.adv_clip) * gaussian_log_prob(mu, batch["actions"], cfg.action_sigma)).mean()  # (3)
+
+
+def inner_policy_loss(policy, pparams, raw_adv_coef, batch, adv, cfg):
+    """Equation (4): mean[-w * log pi(a|s) + softplus(lambda) * (A_hat(s, a) - A)^2], lambda = raw_adv_coef;
+    the head regresses the unnormalised A. Returns (loss, head term)."""
+    if not cfg.adv_head:
+        return awr_policy_loss(policy, pparams, batch, adv, cfg), torch.zeros(())
+    mu, adv_hat = functional_call(policy, pparams, (batch["obs"], batch["actions"]))
+    awr = -awr_weights(adv, cfg.adv_clip) * gaussian_log_prob(mu, batch["actions"], cfg.action_sigma)  # (3)
+    head = F.softplus(raw_adv_coef) * (adv_hat - adv).pow(2)
+    return (awr + head).mean(), head.mean()
+
+
+# ================================================================================================
+# 6. Inner and outer loops (Algorithm 1 in the module docstring). The (1)-(6) markers are the Key
+#    Equations, and they run in that order: `adapt` does (1)-(4) on the inner batch, then
+#    `task_meta_losses` does (5) and (6) on the outer batch, recomputing (2)-(3) there with phi'.
+# ================================================================================================
+def sgd_step(params, grads, raw_lrs):
+    """One inner step, each tensor with its own learned step size: p' = p - softplus(l_j) * g_j."""
+    return {k: p - F.softplus(l) * grads[k] for (k, p), l in zip(params.items(), raw_lrs)}
+
+
+def adapt(model, vparams, pparams, inner, cfg):
+    """MACAW's inner loop on one task's inner batch: one value step, then one policy step.
+
+    Differentiable (torch.func.grad keeps the graph), so the outer loss can reach the meta-params
+    through the adapted params: the full second-order MAML gradient. Returns the adapted value and
+    policy params and the inner losses.
+    """
+    def value_step_loss(p):  # (1) L_V = mean (V_phi(s) - mc_return)^2: plain Monte-Carlo regression
+        loss = value_loss(model.value, p, inner, inner["mc_return"])
+        return loss, loss.detach()
+
+    v_grads, inner_v = grad(value_step_loss, has_aux=True)(vparams)
+    adapted_v = sgd_step(vparams, v_grads, model.raw_value_lrs)  # phi' = phi - alpha_V * grad
+    adv = advantages(model.value, adapted_v, inner)  # (2) from the ADAPTED value function, no gradient
+
+    def policy_step_loss(p):  # (4) AWR with weights (3) + softplus(lambda) * advantage-head regression
+        loss, head = inner_policy_loss(model.policy, p, model.raw_adv_coef, inner, adv, cfg)
+        return loss, (loss.detach(), head.detach())
+
+    p_grads, (inner_pi, head) = grad(policy_step_loss, has_aux=True)(pparams)
+    adapted_p = sgd_step(pparams, p_grads, model.raw_policy_lrs)  # theta' = theta - alpha_pi * grad
+    return adapted_v, adapted_p, dict(inner_value=inner_v, inner_policy=inner_pi, inner_head=head)
+
+
+def task_meta_losses(model, vparams, pparams, inner, outer, cfg):
+    """One task's outer losses (the meta-objective), evaluated at the adapted params. Returns a dict
+    of scalars: outer_value and outer_policy carry gradients, the rest are for logging."""
+    adapted_v, adapted_p, stats = adapt(model, vparams, pparams, inner, cfg)
+    # (5) Outer value loss at phi' against mc_return + gamma^(T-t) V_phibar(s_T), where the target
+    #     params phibar = 0.9 phi + 0.1 phi' are a fresh, gradient-free mix (no target network).
+    a = cfg.target_vf_alpha
+    target_v = {k: (a * vparams[k] + (1 - a) * adapted_v[k]).detach() for k in vparams}
+    target = bootstrapped_return(model.value, target_v, outer).detach()
+    outer_v = value_loss(model.value, adapted_v, outer, target)
+    # (6) Outer policy loss: plain AWR at theta' on the outer batch, (2)-(3) from phi'; no head term.
+    adv = advantages(model.value, adapted_v, outer)
+    outer_pi = awr_policy_loss(model.policy, adapted_p, outer, adv, cfg)
+    return dict(outer_value=outer_v, outer_policy=outer_pi, **stats)
+
+
+def meta_losses(model, batches, cfg):
+    """Per-task losses of a meta-batch, each (tasks,). batches: list of (inner, outer) dicts.
+
+    The loop over tasks is the readable form; --vmap-tasks stacks the batches to (tasks, B, ...)
+    and maps the same function with torch.func.vmap. A test checks both give the same gradients.
+    """
+    vparams, pparams = model.params()
+    per_task = lambda inner, outer: task_meta_losses(model, vparams, pparams, inner, outer, cfg)
+    if cfg.vmap_tasks:
+        stack = lambda i: {k: torch.stack([b[i][k] for b in batches]) for k in BATCH_FIELDS}
+        return vmap(per_task)(stack(0), stack(1))
+    losses = [per_task(inner, outer) for inner, outer in batches]
+    return {k: torch.stack([l[k] for l in losses]) for k in losses[0]}
+
+
+def make_optimizers(model, cfg):
+    """Adam on the value weights (--outer-value-lr, default 1e-4; authors 1e-5), the policy weights
+    (--outer-policy-lr, 1e-4) and the raw step sizes + lambda (--outer-log-lr-lr, 1e-3)."""
+    return [torch.optim.Adam(model.value.parameters(), lr=cfg.outer_value_lr),
+            torch.optim.Adam(model.policy.parameters(), lr=cfg.outer_policy_lr),
+            torch.optim.Adam([model.raw_value_lrs, model.raw_policy_lrs, model.raw_adv_coef],
+                             lr=cfg.outer_log_lr_lr)]
+
+
+class NonFiniteError(Exception):
+    pass
+
+
+def sample_meta_batch(task_data, train_ids, cfg, gen):
+    """meta_batch training tasks (all of them, in order, if there are fewer), each with an inner
+    batch of contiguous rows and an outer batch of random rows from the same task's data."""
+    if cfg.meta_batch >= len(train_ids):
+        ids = list(train_ids)
+    else:
+        ids = [train_ids[i] for i in torch.randperm(len(train_ids), generator=gen)[:cfg.meta_batch].tolist()]
+    return [(task_data[k].contiguous_batch(cfg.inner_batch, gen), task_data[k].random_batch(cfg.outer_batch, gen))
+            for k in ids]
+
+
+def meta_train_step(model, optimizers, batches, n_train_tasks, cfg):
+    """One MACAW meta-step: sum over tasks of (outer value + outer policy loss) / number of TRAINING
+    tasks (as the authors divide), one backward through the inner steps, one Adam step each."""
+    losses = meta_losses(model, batches, cfg)
+    total = (losses["outer_value"].sum() + losses["outer_policy"].sum()) / n_train_tasks
+    stats = {k: v.mean().item() for k, v in losses.items()}
+    if not math.isfinite(total.item()):
+        raise NonFiniteError(", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    total.backward()
+    for opt in optimizers:
+        opt.step()
+    return stats
+
+
+# ================================================================================================
+# 7. Evaluation: adapt on 256 offline transitions of a test task, act in THAT task's env.
+# ================================================================================================
+def policy_actor(policy, pparams, device):
+    """Deterministic actor: obs (np) -> mu(s) (np); the rollout clips it to the action bounds."""
+    pparams = {k: v.detach() for k, v in pparams.items()}
+
+    def act(obs):
+        with torch.no_grad():
+            obs = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            return functional_call(policy, pparams, (obs,))[0].cpu().numpy()
+    return act
+
+
+def evaluate(model, bench, task_data, cfg, gen, rollouts=1):
+    """Per test task: mean over `rollouts` of the pre- and post-adaptation episode returns (the
+    benchmark's episode length: 200 steps for cheetah, 20 for point-robot); each rollout adapts on a
+    fresh random batch of eval_batch transitions with (1)-(4): one value step, one policy step."""
+    vparams, pparams = model.params()
+    results = {}
+    for k in bench.test_ids:
+        env = make_task_env(bench, k)  # the env is switched to the task being evaluated
+        pre, post = [], []
+        for r in range(rollouts):
+            batch = task_data[k].random_batch(cfg.eval_batch, gen)
+            _, adapted_p, _ = adapt(model, vparams, pparams, batch, cfg)
+            env_seed = 10_000 * cfg.seed + r
+            pre.append(rollout(env, policy_actor(model.policy, pparams, cfg.device), env_seed))
+            post.append(rollout(env, policy_actor(model.policy, adapted_p, cfg.device), env_seed))
+        results[k] = dict(pre=float(np.mean(pre)), post=float(np.mean(post)))
+    return results
+
+
+def normalized_score(ret, data):
+    """(return - random policy) / (collector - random policy): 0 = random, 1 = the data's collector."""
+    return (ret - data.random_return) / (data.collector_return - data.random_return)
+
+
+
+
+# ================================================================================================
+# 8. How the data are made (skip on a first read). Each task's data is the replay buffer of a
+#    soft actor-critic agent trained from scratch on that task (cheetah), or of an annealed-noise
+#    scripted controller (point-robot); written once per task as an .npz, then reused.
 # ================================================================================================
 def mlp(sizes):
     """Plain ReLU MLP (for the SAC collector)."""
@@ -380,14 +856,20 @@ def collect_scripted(env, steps, seed):
 
 
 def collect_task(bench_name, task_id, steps, seed, path):
-    """Collect one task's data and write it atomically (runs in a worker process for SAC)."""
-    torch.set_num_threads(1)
+    """Collect one task's data and write it atomically (in a worker process for SAC). The caller's
+    thread count and global torch RNG are restored afterwards."""
     bench = BENCHMARKS[bench_name]
     env = make_task_env(bench, task_id)
-    if bench.collector == "sac":
-        data = collect_sac(env, steps, seed, position=task_id)
-    else:
-        data = collect_scripted(env, steps, seed)
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_num_threads(1)
+            if bench.collector == "sac":
+                data = collect_sac(env, steps, seed, position=task_id)
+            else:
+                data = collect_scripted(env, steps, seed)
+    finally:
+        torch.set_num_threads(threads)
     data["truncations"][-1] = max(data["truncations"][-1], 1 - data["terminations"][-1])  # close the last episode
     data.update(env=bench_name, task_id=task_id, task=np.float64(bench.tasks[task_id]), seed=seed,
                 random_return=random_policy_return(env, seed + 20_000), collector=bench.collector,
@@ -396,11 +878,61 @@ def collect_task(bench_name, task_id, steps, seed, path):
     return task_id
 
 
-def atomic_write(path, write):
-    """Write via a temporary file in the same folder, fsync, then rename: never a half-written file."""
+def missing_tasks(cfg, bench):
+    return [k for k in range(len(bench.tasks)) if not task_data_path(cfg, k).exists()]
+
+
+def ensure_data(cfg, bench):
+    """Generate the missing tasks' data (in parallel processes), keep what is already there.
+
+    Two runs that need the same data at once: the second waits on the data folder's lock until the
+    first has finished, then reuses its files."""
+    folder = Path(cfg.data_dir) / cfg.env
+    folder.mkdir(parents=True, exist_ok=True)
+    if not cfg.regenerate_data and not missing_tasks(cfg, bench):
+        return
+    with folder_lock(folder, wait=True, purpose=f"generating the {cfg.env} data in {folder}/"):
+        if cfg.regenerate_data:
+            for p in folder.glob("task*.npz"):
+                p.unlink()
+        missing = missing_tasks(cfg, bench)  # another run may have made them while we waited
+        if missing:
+            generate_tasks(cfg, bench, missing)
+
+
+def generate_tasks(cfg, bench, task_ids):
+    folder = Path(cfg.data_dir) / cfg.env
+    print(f"Generating offline data for {len(task_ids)} {cfg.env} task(s) in {folder}/ "
+          f"({bench.collector} collector, {cfg.collector_steps} steps each; done once, reused later)")
+    jobs = [(cfg.env, k, cfg.collector_steps, cfg.data_seed * 1000 + k, task_data_path(cfg, k)) for k in task_ids]
+    workers = min(os.cpu_count() or 1, len(task_ids))
+    if bench.collector == "sac" and workers > 1:
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            for fut in concurrent.futures.as_completed([ex.submit(collect_task, *j) for j in jobs]):
+                fut.result()
+    else:
+        for j in jobs:
+            collect_task(*j)
+
+
+# ================================================================================================
+# 9. Running it (skip on a first read): atomic files, locks, checkpoints, logs, plots, summary,
+#    and the CLI: data -> meta-training (periodic evaluation, log, checkpoint) -> summary and plot.
+# ================================================================================================
+class WriteError(UserError):
+    """A file could not be written (disk full, permissions); its previous version is intact."""
+
+
+def atomic_write(path, write, keep_previous=False):
+    """Write via a temporary file in the same folder, fsync, then rename: never a half-written file.
+
+    keep_previous: first rename the current file to <name>.prev<suffix> (one rename, atomic), so the
+    last two versions exist. An OSError (disk full, permissions) leaves the current file as it was
+    and raises WriteError naming the path."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -408,419 +940,48 @@ def atomic_write(path, write):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        if keep_previous and path.exists():
+            os.replace(path, previous_version(path))
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write {path} ({e.strerror or e}); its previous version is intact") from None
         raise
 
 
-def task_data_path(cfg, task_id):
-    return Path(cfg.data_dir) / cfg.env / f"task{task_id}.npz"
+def previous_version(path):
+    return path.with_name(f"{path.stem}.prev{path.suffix}")  # checkpoint.pt -> checkpoint.prev.pt
 
 
-def ensure_data(cfg, bench):
-    """Generate the missing tasks' data (in parallel processes), keep what is already there."""
-    folder = Path(cfg.data_dir) / cfg.env
-    if cfg.regenerate_data and folder.exists():
-        for p in folder.glob("task*.npz"):
-            p.unlink()
+@contextlib.contextmanager
+def folder_lock(folder, wait, purpose):
+    """Hold an OS file lock on <folder>/.lock (fcntl.flock) for the duration of the `with` block.
+
+    The OS drops the lock when the process ends, however it ends (even kill -9), so a lock never
+    outlives its run. wait=False: if another process holds it, raise UserError naming its pid;
+    wait=True: say so and wait for it. (No locking where fcntl is missing, i.e. on Windows.)"""
     folder.mkdir(parents=True, exist_ok=True)
-    missing = [k for k in range(len(bench.tasks)) if not task_data_path(cfg, k).exists()]
-    if not missing:
-        return
-    print(f"Generating offline data for {len(missing)} {cfg.env} task(s) in {folder}/ "
-          f"({bench.collector} collector, {cfg.collector_steps} steps each; done once, reused later)")
-    jobs = [(cfg.env, k, cfg.collector_steps, cfg.data_seed * 1000 + k, task_data_path(cfg, k)) for k in missing]
-    workers = min(os.cpu_count() or 1, len(missing))
-    if bench.collector == "sac" and workers > 1:
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-            for fut in concurrent.futures.as_completed([ex.submit(collect_task, *j) for j in jobs]):
-                fut.result()
-    else:
-        threads = torch.get_num_threads()
-        for j in jobs:
-            collect_task(*j)
-        torch.set_num_threads(threads)
+    with open(folder / ".lock", "a+") as f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                if not wait:
+                    raise UserError(f"{folder} is in use by another run (pid {holder}); wait for it to finish, "
+                                    f"or pass another --run-name") from None
+                print(f"Waiting for process {holder}, which is {purpose} ...", flush=True)
+                fcntl.flock(f, fcntl.LOCK_EX)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
-DATA_KEYS = {"observations": "obs", "actions": "act", "rewards": None, "next_observations": "obs",
-             "terminations": None, "truncations": None}
-
-
-def load_task_data(path, bench, task_id):
-    """Load one task's .npz and check it; any problem -> UserError naming the file and the fix."""
-    fix = f"delete {path} or pass --regenerate-data"
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
-    except Exception as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); {fix}") from None
-    missing = [k for k in (*DATA_KEYS, "env", "task", "format_version", "collector_return", "random_return")
-               if k not in data]
-    if missing:
-        raise UserError(f"{path} lacks keys {missing}; {fix}")
-    if int(data["format_version"]) != DATA_FORMAT_VERSION or str(data["env"]) != bench.name:
-        raise UserError(f"{path} was made for env {data['env']} format {data['format_version']}, "
-                        f"need {bench.name} format {DATA_FORMAT_VERSION}; {fix}")
-    if not np.isclose(float(data["task"]), bench.tasks[task_id]):
-        raise UserError(f"{path} holds task {float(data['task'])}, expected {bench.tasks[task_id]}; {fix}")
-    env = bench.make_env()
-    dims = {"obs": env.observation_space.shape[0], "act": env.action_space.shape[0]}
-    n = len(data["rewards"])
-    for key, kind in DATA_KEYS.items():
-        shape = (n, dims[kind]) if kind else (n,)
-        if data[key].shape != shape:
-            raise UserError(f"{path}: {key} has shape {data[key].shape}, expected {shape}; {fix}")
-        if not np.all(np.isfinite(data[key])):
-            raise UserError(f"{path}: {key} holds NaN or inf; {fix}")
-    if n < 2 or not (data["terminations"][-1] or data["truncations"][-1]):
-        raise UserError(f"{path}: the data must end with a finished episode; {fix}")
-    return data
-
-
-def monte_carlo_targets(rewards, next_obs, episode_ends, discount):
-    """Per step t of an episode ending at T: mc_return_t = sum_{k=t}^{T-1} gamma^(k-t) r_k,
-    terminal_obs_t = s_T (the last next-observation), terminal_discount_t = gamma^(T-t)."""
-    n = len(rewards)
-    mc_return = np.zeros(n, np.float64)
-    terminal_obs = np.zeros_like(next_obs)
-    terminal_discount = np.zeros(n, np.float64)
-    running, end = 0.0, None
-    for t in reversed(range(n)):  # sweep backwards, restarting at every episode end
-        if episode_ends[t]:
-            running, end, disc = 0.0, t, 1.0
-        running = rewards[t] + discount * running
-        disc *= discount
-        mc_return[t], terminal_obs[t], terminal_discount[t] = running, next_obs[end], disc
-    return mc_return.astype(np.float32), terminal_obs, terminal_discount.astype(np.float32)
-
-
-BATCH_FIELDS = ("obs", "actions", "mc_return", "terminal_obs", "terminal_discount")
-
-
-class TaskData:
-    """One task's offline transitions as tensors, with the MACAW batch samplers."""
-
-    def __init__(self, data, cfg):
-        mc, term_obs, term_disc = monte_carlo_targets(
-            data["rewards"], data["next_observations"],
-            np.logical_or(data["terminations"], data["truncations"]), cfg.discount)
-        keep = slice(None, None, cfg.buffer_skip)  # targets first, then subsample (as the authors do)
-        arrays = (data["observations"], data["actions"], mc, term_obs, term_disc)
-        self.tensors = {k: torch.as_tensor(a[keep], device=cfg.device) for k, a in zip(BATCH_FIELDS, arrays)}
-        self.size = len(self.tensors["obs"])
-        self.collector_return = float(data["collector_return"])
-        self.random_return = float(data["random_return"])
-
-    def contiguous_batch(self, n, gen):
-        """Inner batch: n consecutive rows (a slice of a few trajectories), as the authors sample it."""
-        start = int(torch.randint(0, self.size - n + 1, (), generator=gen))
-        return {k: v[start:start + n] for k, v in self.tensors.items()}
-
-    def random_batch(self, n, gen):
-        """Outer batch (and the test-time adaptation batch): n distinct random rows."""
-        idx = torch.randperm(self.size, generator=gen)[:n].to(self.tensors["obs"].device)
-        return {k: v[idx] for k, v in self.tensors.items()}
-
-
-def load_benchmark_data(cfg, bench):
-    ensure_data(cfg, bench)
-    tasks = [TaskData(load_task_data(task_data_path(cfg, k), bench, k), cfg) for k in range(len(bench.tasks))]
-    need = max(cfg.inner_batch, cfg.outer_batch, cfg.eval_batch)
-    small = [k for k, t in enumerate(tasks) if t.size < need]
-    if small:
-        raise UserError(f"tasks {small} have {tasks[small[0]].size} transitions (after --buffer-skip "
-                        f"{cfg.buffer_skip}), fewer than a batch of {need}; lower the batch or the skip")
-    return tasks
-
-
-# ================================================================================================
-# 4. Networks. Every linear layer is a weight-transform layer (WLinear) unless --no-weight-transform.
-# ================================================================================================
-class WLinear(nn.Module):
-    """y = x W + b with (W, b) generated from a learned latent: theta = T z + c (the paper's "weight transform").
-
-    With g = dL/dtheta, one SGD step on (z, T, c) moves theta by -(a_T |z|^2 + a_c) g - a_z T T^T g
-    (to first order): the T T^T term mixes the gradients of ALL weights, so even one example gives a
-    full-rank change of W, where a plain linear layer's step -a sum_i g_i x_i^T has rank <= batch size.
-    This is the paper's "expressivity of the MAML update" argument (the tutorial shows the ranks).
-    """
-
-    def __init__(self, in_features, out_features, latent_dim=100):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.z = nn.Parameter(torch.randn(latent_dim) / out_features)  # N(0, (1/out)^2), as the authors
-        self.fc = nn.Linear(latent_dim, in_features * out_features + out_features)  # T (weight) and c (bias)
-
-    def forward(self, x):
-        theta = self.fc(self.z)  # (in*out + out,)
-        n = self.in_features * self.out_features
-        weight = theta[:n].view(self.in_features, self.out_features)  # row-major: W[i, j] = theta[i*out + j]
-        return x @ weight + theta[n:]  # (B, out)
-
-
-def make_layer(in_features, out_features, cfg):
-    if cfg.weight_transform:
-        return WLinear(in_features, out_features, cfg.latent_dim)
-    return nn.Linear(in_features, out_features)
-
-
-def layer_stack(sizes, cfg):
-    return nn.Sequential(OrderedDict((f"fc_{i}", make_layer(sizes[i], sizes[i + 1], cfg))
-                                     for i in range(len(sizes) - 1)))
-
-
-class ValueNet(nn.Module):
-    """V(s): obs -> width x depth (ReLU) -> 1."""
-
-    def __init__(self, obs_dim, cfg):
-        super().__init__()
-        self.seq = layer_stack([obs_dim] + [cfg.net_width] * cfg.net_depth + [1], cfg)
-
-    def forward(self, obs):
-        x = obs
-        for i, layer in enumerate(self.seq):
-            x = layer(x) if i == len(self.seq) - 1 else F.relu(layer(x))
-        return x.squeeze(-1)  # (B,)
-
-
-class PolicyNet(nn.Module):
-    """mu(s) = tanh(MLP(s)); given dataset actions too, also the advantage head's A_hat(s, a).
-
-    The head reads h, the last hidden layer BEFORE its ReLU, and the dataset action:
-    A_hat = fc_1(ReLU(fc_0(ReLU([h, a])))). It only appears in the inner loss, where regressing the
-    advantage gives the one adaptation step information that the AWR weights alone lose.
-    """
-
-    def __init__(self, obs_dim, act_dim, cfg):
-        super().__init__()
-        self.seq = layer_stack([obs_dim] + [cfg.net_width] * cfg.net_depth + [act_dim], cfg)
-        if cfg.adv_head:
-            self.head_seq = layer_stack([cfg.net_width + act_dim, cfg.adv_head_width, 1], cfg)
-
-    def forward(self, obs, actions=None):
-        x = obs
-        for layer in self.seq[:-1]:
-            h = layer(x)  # pre-activation of the last hidden layer after the loop
-            x = F.relu(h)
-        mu = torch.tanh(self.seq[-1](x))  # (B, act)
-        if actions is None:
-            return mu
-        head_in = F.relu(torch.cat([h, actions], -1))
-        adv = self.head_seq.fc_1(F.relu(self.head_seq.fc_0(head_in))).squeeze(-1)  # (B,)
-        return mu, adv
-
-
-class MACAW(nn.Module):
-    """All meta-parameters: value and policy weights, one learned step size per parameter tensor
-    (l_i, used as softplus(l_i)), and the advantage-head loss weight lambda (used as softplus)."""
-
-    def __init__(self, obs_dim, act_dim, cfg):
-        super().__init__()
-        self.value = ValueNet(obs_dim, cfg)
-        self.policy = PolicyNet(obs_dim, act_dim, cfg)
-        init = math.log(cfg.inner_lr_init)  # the authors store log(lr): softplus(log 1e-3) = 9.995e-4
-        self.value_log_lrs = nn.Parameter(torch.full((len(list(self.value.parameters())),), init))
-        self.policy_log_lrs = nn.Parameter(torch.full((len(list(self.policy.parameters())),), init))
-        self.adv_coef_log = nn.Parameter(torch.tensor(math.log(cfg.adv_coef_init)))
-
-    def params(self):
-        """The value and policy weights as dicts name -> tensor, in parameter (= step size) order."""
-        return dict(self.value.named_parameters()), dict(self.policy.named_parameters())
-
-
-# ================================================================================================
-# 5. Losses. `batch` is a dict of tensors: obs (B, obs), actions (B, act), mc_return (B,),
-#    terminal_obs (B, obs), terminal_discount (B,). Params are dicts: torch.func style.
-# ================================================================================================
-def value_loss(value, vparams, batch, target):
-    """Mean squared error of V(s) against a target (B,)."""
-    return (functional_call(value, vparams, (batch["obs"],)) - target).pow(2).mean()
-
-
-def bootstrapped_return(value, vparams, batch):
-    """mc_return + gamma^(T-t) V(s_T): the Monte-Carlo return with the tail bootstrapped. (B,)"""
-    return batch["mc_return"] + batch["terminal_discount"] * functional_call(value, vparams, (batch["terminal_obs"],))
-
-
-def advantages(value, vparams, batch):
-    """A(s, a) = mc_return + gamma^(T-t) V(s_T) - V(s), never differentiated. (B,)"""
-    vparams = {k: v.detach() for k, v in vparams.items()}
-    return (bootstrapped_return(value, vparams, batch) - functional_call(value, vparams, (batch["obs"],))).detach()
-
-
-def awr_weights(adv, adv_clip):
-    """w = exp(min(A_n, log clip)), A_n = (A - mean A) / std A (unbiased std, temperature 1)."""
-    normalised = (adv - adv.mean()) / adv.std()
-    return torch.exp(torch.clamp(normalised, max=math.log(adv_clip)))
-
-
-def gaussian_log_prob(mu, actions, sigma):
-    """log N(a; mu, sigma^2 I), summed over action dimensions. (B,)"""
-    return (-0.5 * ((actions - mu) / sigma).pow(2) - math.log(sigma) - 0.5 * math.log(2 * math.pi)).sum(-1)
-
-
-def awr_policy_loss(policy, pparams, batch, adv, cfg):
-    """AWR (Peng et al. 2019): mean[-w * log pi(a|s)], the outer policy loss."""
-    mu = functional_call(policy, pparams, (batch["obs"],))
-    return (-awr_weights(adv, cfg.adv_clip) * gaussian_log_prob(mu, batch["actions"], cfg.action_sigma)).mean()
-
-
-def inner_policy_loss(policy, pparams, adv_coef_log, batch, adv, cfg):
-    """mean[-w * log pi(a|s) + softplus(lambda) * (A_hat(s, a) - A)^2]; the head uses the raw A.
-    Returns (loss, head term)."""
-    if not cfg.adv_head:
-        return awr_policy_loss(policy, pparams, batch, adv, cfg), torch.zeros(())
-    mu, adv_hat = functional_call(policy, pparams, (batch["obs"], batch["actions"]))
-    awr = -awr_weights(adv, cfg.adv_clip) * gaussian_log_prob(mu, batch["actions"], cfg.action_sigma)
-    head = F.softplus(adv_coef_log) * (adv_hat - adv).pow(2)
-    return (awr + head).mean(), head.mean()
-
-
-# ================================================================================================
-# 6. Inner and outer loops (the paper's Algorithm 1). Comments number the pieces in the order they
-#    run: 1 inner value step, 2 outer value loss, 3 advantages, 4 AWR weights (inside the losses),
-#    5 inner policy step, 6 outer policy loss. Defaults: authors' config/alg/standard.json.
-# ================================================================================================
-def sgd_step(params, grads, log_lrs):
-    """One inner step, each tensor with its own learned step size: p' = p - softplus(l_i) * g_i."""
-    return {k: p - F.softplus(l) * grads[k] for (k, p), l in zip(params.items(), log_lrs)}
-
-
-def adapt(model, vparams, pparams, inner, cfg):
-    """MACAW's inner loop on one task's inner batch: one value step, then one policy step.
-
-    Differentiable (torch.func.grad keeps the graph), so the outer loss can reach the meta-params
-    through the adapted params: the full second-order MAML gradient. Returns the adapted value and
-    policy params and the inner losses.
-    """
-    def value_step_loss(p):  # 1. L_V = mean (V_phi(s) - mc_return)^2: plain Monte-Carlo regression
-        loss = value_loss(model.value, p, inner, inner["mc_return"])
-        return loss, loss.detach()
-
-    v_grads, inner_v = grad(value_step_loss, has_aux=True)(vparams)
-    adapted_v = sgd_step(vparams, v_grads, model.value_log_lrs)  # phi' = phi - softplus(l_V) * grad
-    adv = advantages(model.value, adapted_v, inner)  # 3. from the ADAPTED value function, no gradient
-
-    def policy_step_loss(p):  # 5. AWR + softplus(lambda) * advantage-head regression
-        loss, head = inner_policy_loss(model.policy, p, model.adv_coef_log, inner, adv, cfg)
-        return loss, (loss.detach(), head.detach())
-
-    p_grads, (inner_pi, head) = grad(policy_step_loss, has_aux=True)(pparams)
-    adapted_p = sgd_step(pparams, p_grads, model.policy_log_lrs)  # theta' = theta - softplus(l_pi) * grad
-    return adapted_v, adapted_p, dict(inner_value=inner_v, inner_policy=inner_pi, inner_head=head)
-
-
-def task_meta_losses(model, vparams, pparams, inner, outer, cfg):
-    """One task's outer losses (the meta-objective), evaluated at the adapted params. Returns a dict
-    of scalars: outer_value and outer_policy carry gradients, the rest are for logging."""
-    adapted_v, adapted_p, stats = adapt(model, vparams, pparams, inner, cfg)
-    # 2. Outer value loss at phi' against mc_return + gamma^(T-t) V_tgt(s_T), where the target params
-    #    V_tgt = alpha * phi + (1 - alpha) * phi' are a fresh, gradient-free mix (no target network).
-    a = cfg.target_vf_alpha
-    target_v = {k: (a * vparams[k] + (1 - a) * adapted_v[k]).detach() for k in vparams}
-    target = bootstrapped_return(model.value, target_v, outer).detach()
-    outer_v = value_loss(model.value, adapted_v, outer, target)
-    # 6. Outer policy loss: plain AWR at theta' on the outer batch, advantages from phi'; no head term.
-    adv = advantages(model.value, adapted_v, outer)
-    outer_pi = awr_policy_loss(model.policy, adapted_p, outer, adv, cfg)
-    return dict(outer_value=outer_v, outer_policy=outer_pi, **stats)
-
-
-def meta_losses(model, batches, cfg):
-    """Per-task losses of a meta-batch, each (tasks,). batches: list of (inner, outer) dicts.
-
-    The loop over tasks is the readable form; --vmap-tasks stacks the batches to (tasks, B, ...)
-    and maps the same function with torch.func.vmap. A test checks both give the same gradients.
-    """
-    vparams, pparams = model.params()
-    per_task = lambda inner, outer: task_meta_losses(model, vparams, pparams, inner, outer, cfg)
-    if cfg.vmap_tasks:
-        stack = lambda i: {k: torch.stack([b[i][k] for b in batches]) for k in BATCH_FIELDS}
-        return vmap(per_task)(stack(0), stack(1))
-    losses = [per_task(inner, outer) for inner, outer in batches]
-    return {k: torch.stack([l[k] for l in losses]) for k in losses[0]}
-
-
-def make_optimizers(model, cfg):
-    """Adam on the value (1e-5), the policy (1e-4), and the step sizes + lambda (1e-3)."""
-    return [torch.optim.Adam(model.value.parameters(), lr=cfg.outer_value_lr),
-            torch.optim.Adam(model.policy.parameters(), lr=cfg.outer_policy_lr),
-            torch.optim.Adam([model.value_log_lrs, model.policy_log_lrs, model.adv_coef_log],
-                             lr=cfg.outer_log_lr_lr)]
-
-
-class NonFiniteError(Exception):
-    pass
-
-
-def sample_meta_batch(task_data, train_ids, cfg, gen):
-    """meta_batch training tasks (all of them, in order, if there are fewer), each with an inner
-    batch of contiguous rows and an outer batch of random rows from the same task's data."""
-    if cfg.meta_batch >= len(train_ids):
-        ids = list(train_ids)
-    else:
-        ids = [train_ids[i] for i in torch.randperm(len(train_ids), generator=gen)[:cfg.meta_batch].tolist()]
-    return [(task_data[k].contiguous_batch(cfg.inner_batch, gen), task_data[k].random_batch(cfg.outer_batch, gen))
-            for k in ids]
-
-
-def meta_train_step(model, optimizers, batches, n_train_tasks, cfg):
-    """One MACAW meta-step: sum over tasks of (outer value + outer policy loss) / number of TRAINING
-    tasks (as the authors divide), one backward through the inner steps, one Adam step each."""
-    losses = meta_losses(model, batches, cfg)
-    total = (losses["outer_value"].sum() + losses["outer_policy"].sum()) / n_train_tasks
-    stats = {k: v.mean().item() for k, v in losses.items()}
-    if not math.isfinite(total.item()):
-        raise NonFiniteError(", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
-    total.backward()
-    for opt in optimizers:
-        opt.step()
-    return stats
-
-
-# ================================================================================================
-# 7. Evaluation: adapt on 256 offline transitions of a test task, act in THAT task's env.
-# ================================================================================================
-def policy_actor(policy, pparams, device):
-    """Deterministic actor: obs (np) -> mu(s) (np); the rollout clips it to the action bounds."""
-    pparams = {k: v.detach() for k, v in pparams.items()}
-
-    def act(obs):
-        with torch.no_grad():
-            obs = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
-            return functional_call(policy, pparams, (obs,))[0].cpu().numpy()
-    return act
-
-
-def evaluate(model, bench, task_data, cfg, gen, rollouts=1):
-    """Per test task: mean over `rollouts` of the pre- and post-adaptation 200-step returns; each
-    rollout adapts on a fresh random batch of eval_batch transitions (one value, one policy step)."""
-    vparams, pparams = model.params()
-    results = {}
-    for k in bench.test_ids:
-        env = make_task_env(bench, k)  # the env is switched to the task being evaluated
-        pre, post = [], []
-        for r in range(rollouts):
-            batch = task_data[k].random_batch(cfg.eval_batch, gen)
-            _, adapted_p, _ = adapt(model, vparams, pparams, batch, cfg)
-            env_seed = 10_000 * cfg.seed + r
-            pre.append(rollout(env, policy_actor(model.policy, pparams, cfg.device), env_seed))
-            post.append(rollout(env, policy_actor(model.policy, adapted_p, cfg.device), env_seed))
-        results[k] = dict(pre=float(np.mean(pre)), post=float(np.mean(post)))
-    return results
-
-
-def normalized_score(ret, data):
-    """(return - random policy) / (collector - random policy): 0 = random, 1 = the data's collector."""
-    return (ret - data.random_return) / (data.collector_return - data.random_return)
-
-
-# ================================================================================================
-# 8. Main: data -> meta-training (with periodic evaluation, log, checkpoint) -> summary and plot.
-# ================================================================================================
 def git_commit():
     here = Path(__file__).resolve().parent
     try:
@@ -834,21 +995,54 @@ def git_commit():
 
 
 def versions():
-    import mujoco
+    try:
+        import mujoco  # not needed for point-robot
+        mujoco_version = mujoco.__version__
+    except ImportError:
+        mujoco_version = None
     return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
-                gymnasium=gym.__version__, mujoco=mujoco.__version__, machine=platform.machine(),
+                gymnasium=gym.__version__, mujoco=mujoco_version, machine=platform.machine(),
                 cpus=os.cpu_count(), commit=git_commit())
+
+
+CHECKPOINT_KEYS = ("model", "optimizers", "generator", "torch_rng", "step", "wall_time", "running")
 
 
 def save_checkpoint(path, model, optimizers, gen, step, wall_time, running, cfg):
     """Everything a resumed run needs to continue exactly: weights, Adam states, RNG states, the step,
-    and the losses of the current logging interval (`running`)."""
+    and the losses of the current logging interval (`running`). The previous checkpoint is kept
+    beside it as checkpoint.prev.pt, in case the latest is damaged later."""
     state = dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                  generator=gen.get_state(), torch_rng=torch.get_rng_state(), step=step,
                  wall_time=wall_time, running=running, config=dataclasses.asdict(cfg))
     if not all(torch.isfinite(v).all() for v in state["model"].values()):
         raise NonFiniteError("non-finite parameters; the checkpoint was not overwritten")
-    atomic_write(path, lambda f: torch.save(state, f))
+    buffer = io.BytesIO()  # serialise in memory, so a failing disk shows up as a plain OSError
+    torch.save(state, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), keep_previous=True)
+
+
+def load_checkpoint(run_dir, device):
+    """The latest readable checkpoint of a run: checkpoint.pt, else (saying so) checkpoint.prev.pt."""
+    latest = run_dir / "checkpoint.pt"
+    problems = []
+    for path in (latest, previous_version(latest)):
+        if not path.exists():
+            problems.append(f"{path.name} is missing")
+            continue
+        try:
+            state = torch.load(path, map_location=device, weights_only=False)
+            if not all(k in state for k in CHECKPOINT_KEYS):
+                raise KeyError("incomplete")
+        except Exception as e:  # a cut-short zip, garbage, an unpickling error: all mean "damaged"
+            problems.append(f"{path} is damaged ({type(e).__name__})")
+            continue
+        if problems:
+            print(f"Note: {'; '.join(problems)}; resuming from the previous checkpoint {path} "
+                  f"(step {state['step']}): at most one logging interval is redone")
+        return state
+    raise UserError(f"--resume {run_dir}: no readable checkpoint ({'; '.join(problems)}); "
+                    f"start the run again with another --run-name")
 
 
 def write_json(path, obj):
@@ -886,8 +1080,26 @@ def plot_run(records, task_data, bench, path):
     ax_loss.set(xlabel="meta-training step", ylabel="loss", yscale="symlog", title="meta-training losses")
     ax_loss.legend(fontsize=7)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    finally:
+        plt.close(fig)
+
+
+def command_line(cfg, bench):
+    """The command that reproduces this run: `python macaw.py` and the flags whose values are not
+    the defaults (so the summary says what was run, also when train() is called from a notebook)."""
+    parts = ["python macaw.py"]
+    for f in dataclasses.fields(Config):
+        value = getattr(cfg, f.name)
+        default = bench.defaults.get(f.name, f.default)
+        if f.name == "resume" or value == default or (f.name == "run_name" and value == f"{cfg.env}-seed{cfg.seed}"):
+            continue
+        if isinstance(value, bool):
+            parts.append(flag_name(f.name) if value else "--no-" + flag_name(f.name)[2:])
+        else:
+            parts.append(f"{flag_name(f.name)} {value}")
+    return " ".join(parts)
 
 
 def summarize(cfg, bench, task_data, final_eval, wall_time, data_time, run_versions):
@@ -899,8 +1111,7 @@ def summarize(cfg, bench, task_data, final_eval, wall_time, data_time, run_versi
                              normalized=normalized_score(res["post"], d))
     return dict(env=cfg.env, seed=cfg.seed, steps=cfg.steps, wall_time_s=round(wall_time, 1),
                 data_time_s=round(data_time, 1), commit=run_versions["commit"],
-                command="python macaw.py " + " ".join(sys.argv[1:]),
-                final_eval_rollouts=cfg.final_eval_rollouts,
+                command=command_line(cfg, bench), final_eval_rollouts=cfg.final_eval_rollouts,
                 mean_normalized=float(np.mean([t["normalized"] for t in tasks.values()])),
                 tasks=tasks, versions=run_versions)
 
@@ -918,14 +1129,20 @@ def print_summary(summary):
 
 
 def load_resume_config(cfg):
-    """--resume <run dir>: the saved config wins, except --steps (to extend a run) and --resume."""
+    """--resume <run dir>: the saved config wins, except --steps (to extend a run) and --resume.
+    Any other flag given with --resume is ignored, and this says which."""
     run_dir = Path(cfg.resume)
-    if not (run_dir / "checkpoint.pt").exists():
+    if not any((run_dir / name).exists() for name in ("checkpoint.pt", "checkpoint.prev.pt")):
         raise UserError(f"--resume {run_dir}: no checkpoint.pt there; pass a run folder such as runs/<run-name>")
     try:
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--resume {run_dir}: cannot read config.json ({e}); the run folder is incomplete") from None
+    given = [f for f in dataclasses.fields(Config) if f.name not in ("steps", "resume")
+             and getattr(cfg, f.name) != f.default and getattr(cfg, f.name) != saved.get(f.name)]
+    if given:
+        print(f"Note: --resume keeps the run's saved settings; ignored: "
+              f"{', '.join(f'{flag_name(f.name)} {getattr(cfg, f.name)}' for f in given)}")
     saved["steps"] = cfg.steps if cfg.steps != -1 else saved["steps"]
     saved.update(resume=cfg.resume, out=str(run_dir.parent), run_name=run_dir.name)
     return Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
@@ -943,21 +1160,53 @@ class Interrupted(UserError):
     """Ctrl-C or SIGTERM: the run saved a checkpoint and stopped cleanly (exit code 130)."""
 
 
+@contextlib.contextmanager
+def run_settings(cfg):
+    """Process-wide settings of one run, all restored on exit, so calling train() from a notebook or
+    a script leaves the caller's process as it was: the thread count, the global torch RNG (seeded
+    with cfg.seed for the weight initialisation) and, in the main thread only, Ctrl-C/SIGTERM
+    handlers that append the signal's name to the yielded list instead of raising."""
+    threads = torch.get_num_threads()
+    stop = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGTERM, signal.SIGINT):
+            handlers[s] = signal.signal(s, lambda signum, frame: stop.append(signal.Signals(signum).name))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_num_threads(cfg.threads)
+            torch.manual_seed(cfg.seed)
+            yield stop
+    finally:
+        torch.set_num_threads(threads)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+
+
 def train(cfg):
-    """Run MACAW end to end; returns the summary dict (also written to <run>/summary.json)."""
+    """Run MACAW end to end; returns the summary dict (also written to <run>/summary.json).
+
+    Raises UserError (one-line message) for anything the user can fix. Holds the run folder's lock
+    throughout, so a second run into the same folder stops at once, naming this one's pid."""
     if cfg.resume:
         cfg = load_resume_config(cfg)
     bench = get_benchmark(cfg.env)
     cfg.resolve(bench)
     run_dir = Path(cfg.out) / cfg.run_name
-    if not cfg.resume and (run_dir / "checkpoint.pt").exists():
-        raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
-                        f"or pass another --run-name (or delete the folder)")
     check_writable(run_dir, "--out")
     check_writable(Path(cfg.data_dir) / cfg.env, "--data-dir")
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    with folder_lock(run_dir, wait=False, purpose="training"), run_settings(cfg) as stop:
+        if not cfg.resume and any((run_dir / n).exists() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
+            raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                            f"or pass another --run-name (or delete the folder)")
+        try:
+            return run_locked(cfg, bench, run_dir, stop)
+        except WriteError as e:
+            raise WriteError(f"{e}; after fixing that, continue with python macaw.py --resume {run_dir}") from None
 
+
+def run_locked(cfg, bench, run_dir, stop):
+    """train() once the run folder is locked and the process settings are made."""
     t0 = time.time()
     task_data = load_benchmark_data(cfg, bench)
     data_time = time.time() - t0
@@ -966,9 +1215,13 @@ def train(cfg):
     optimizers = make_optimizers(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)  # all batch sampling draws from this
     step, wall_time, running = 0, 0.0, []
-    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl"
+    ckpt_path, log_path, summary_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl", run_dir / "summary.json"
     if cfg.resume:
-        state = torch.load(ckpt_path, map_location=cfg.device, weights_only=False)
+        state = load_checkpoint(run_dir, cfg.device)
+        if state["step"] >= cfg.steps and summary_path.exists():
+            print(f"{run_dir} is already finished at step {state['step']} ({summary_path}); to train it "
+                  f"longer: python macaw.py --resume {run_dir} --steps N (N > {state['step']})")
+            return json.loads(summary_path.read_text())
         model.load_state_dict(state["model"])
         for opt, s in zip(optimizers, state["optimizers"]):
             opt.load_state_dict(s)
@@ -984,17 +1237,12 @@ def train(cfg):
     print(f"MACAW on {cfg.env}: {len(bench.train_ids)} train / {len(bench.test_ids)} test tasks, "
           f"{n_params:,} meta-parameters, {cfg.steps} steps -> {run_dir}/")
 
-    def save_log():
+    def checkpoint():  # checkpoint first: a log never runs ahead of the checkpoint it belongs to
+        save_checkpoint(ckpt_path, model, optimizers, gen, step, time.time() - t_start, running, cfg)
         atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
-    def checkpoint():
-        save_checkpoint(ckpt_path, model, optimizers, gen, step, time.time() - t_start, running, cfg)
-        save_log()
-
-    # Ctrl-C / SIGTERM only set a flag, checked between meta-steps, so a checkpoint never holds half a step.
-    stop = []
-    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signal.Signals(signum).name))
-                for s in (signal.SIGTERM, signal.SIGINT)}
+    # Ctrl-C / SIGTERM only append to `stop` (run_settings), checked between meta-steps, so a
+    # checkpoint never holds half a step.
     bar = tqdm(total=cfg.steps, initial=step, desc="meta-train", mininterval=1, dynamic_ncols=True)
     t_start, interval_start = time.time() - wall_time, time.time()
     try:
@@ -1023,8 +1271,6 @@ def train(cfg):
                 interval_start = time.time()
     finally:
         bar.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     if stop:
         checkpoint()
         raise Interrupted(f"{stop[0]}: stopped at step {step}; saved {ckpt_path}; continue with "
@@ -1032,21 +1278,23 @@ def train(cfg):
     final = evaluate(model, bench, task_data, cfg, gen, rollouts=cfg.final_eval_rollouts)
     wall_time = time.time() - t_start
     summary = summarize(cfg, bench, task_data, final, wall_time, data_time, run_versions)
-    write_json(run_dir / "summary.json", summary)
+    write_json(summary_path, summary)
     print_summary(summary)
     print(f"Wrote {run_dir}/: config.json, log.jsonl, checkpoint.pt, curves.png, summary.json")
     return summary
 
 
 def main(argv=None):
+    """The command line. Returns the exit code (0 done, 2 a problem the user can fix, 130 stopped by
+    Ctrl-C/SIGTERM) instead of exiting, so a script or notebook can call main([...]); a malformed
+    flag still raises argparse's SystemExit."""
     try:
-        cfg = parse_config(argv)
-        get_benchmark(cfg.env)  # fail fast on an unknown env
-        train(cfg)
+        train(parse_config(argv))
+        return 0
     except UserError as e:
         print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
-        sys.exit(130 if isinstance(e, Interrupted) else 2)
+        return 130 if isinstance(e, Interrupted) else 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

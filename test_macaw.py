@@ -39,10 +39,14 @@ def fx():
     return torch.load(FIXTURE, weights_only=True)
 
 
+# The authors' names of the step-size and lambda parameters -> this project's (used through softplus).
+RAW_NAMES = {"policy_log_lrs": "raw_policy_lrs", "value_log_lrs": "raw_value_lrs", "adv_coef_log": "raw_adv_coef"}
+
+
 def fixture_model(fx, cfg):
     model = macaw.MACAW(5, 2, cfg)
     state = {f"{net}.{k}": v for net in ("policy", "value") for k, v in fx["init"][net].items()}
-    state.update({k: fx["init"][k] for k in ("policy_log_lrs", "value_log_lrs", "adv_coef_log")})
+    state.update({ours: fx["init"][theirs] for theirs, ours in RAW_NAMES.items()})
     model.load_state_dict(state)
     assert list(dict(model.policy.named_parameters())) == fx["policy_param_names"]
     assert list(dict(model.value.named_parameters())) == fx["value_param_names"]
@@ -94,11 +98,11 @@ def test_reproduces_authors_meta_step(fx, vmap_tasks):
                 assert ((p.grad - ref).norm() / ref.norm()).item() <= 3e-5, name
                 assert torch.equal(p.grad == 0, ref == 0), f"zero pattern of {name}"
         for key in ("policy_log_lrs", "value_log_lrs"):
-            g, ref = getattr(model, key).grad, grads[key]
+            g, ref = getattr(model, RAW_NAMES[key]).grad, grads[key]
             assert ((g - ref).norm() / ref.norm()).item() <= 1e-4, key
             has_grad = torch.tensor(grads[f"{key}_has_grad"])
             assert torch.all(g[~has_grad] == 0) and torch.all(g[has_grad] != 0), key
-        assert model.adv_coef_log.grad.item() == pytest.approx(grads["adv_coef_log"].item(), rel=1e-5)
+        assert model.raw_adv_coef.grad.item() == pytest.approx(grads["adv_coef_log"].item(), rel=1e-5)
 
         for opt in optimizers:
             opt.step()
@@ -107,8 +111,8 @@ def test_reproduces_authors_meta_step(fx, vmap_tasks):
             params = dict(getattr(model, net).named_parameters())
             for name, ref in after[net].items():
                 torch.testing.assert_close(params[name].detach(), ref, atol=atol, rtol=0)
-        for key in ("policy_log_lrs", "value_log_lrs", "adv_coef_log"):
-            torch.testing.assert_close(getattr(model, key).detach(), after[key], atol=1e-6, rtol=0)
+        for theirs, ours in RAW_NAMES.items():
+            torch.testing.assert_close(getattr(model, ours).detach(), after[theirs], atol=1e-6, rtol=0)
     finally:
         torch.set_num_threads(1)
 
@@ -163,8 +167,8 @@ def test_one_inner_step_lowers_inner_losses():
     after_v = macaw.value_loss(model.value, adapted_v, batch, batch["mc_return"])
     assert after_v.item() < stats["inner_value"].item()
     adv = macaw.advantages(model.value, adapted_v, batch)
-    before_pi, _ = macaw.inner_policy_loss(model.policy, pparams, model.adv_coef_log, batch, adv, cfg)
-    after_pi, _ = macaw.inner_policy_loss(model.policy, adapted_p, model.adv_coef_log, batch, adv, cfg)
+    before_pi, _ = macaw.inner_policy_loss(model.policy, pparams, model.raw_adv_coef, batch, adv, cfg)
+    after_pi, _ = macaw.inner_policy_loss(model.policy, adapted_p, model.raw_adv_coef, batch, adv, cfg)
     assert after_pi.item() < before_pi.item()
 
 
@@ -178,16 +182,16 @@ def test_meta_gradients_reach_every_meta_parameter(flags):
     macaw.meta_train_step(model, macaw.make_optimizers(model, cfg), batches, 2, cfg)
     head = [i for i, name in enumerate(dict(model.policy.named_parameters())) if name.startswith("head_seq")]
     for name, p in model.named_parameters():
-        if name == "adv_coef_log" and not cfg.adv_head:
+        if name == "raw_adv_coef" and not cfg.adv_head:
             continue  # lambda is unused without the head
         assert p.grad is not None and torch.any(p.grad != 0), name
-    trunk = [i for i in range(len(model.policy_log_lrs)) if i not in head]
-    assert torch.all(model.policy_log_lrs.grad[trunk] != 0)  # every trunk step size gets a meta-gradient
-    assert torch.all(model.value_log_lrs.grad != 0)
+    trunk = [i for i in range(len(model.raw_policy_lrs)) if i not in head]
+    assert torch.all(model.raw_policy_lrs.grad[trunk] != 0)  # every trunk step size gets a meta-gradient
+    assert torch.all(model.raw_value_lrs.grad != 0)
     # the head is absent from the outer loss, so its step sizes get none (as in the authors' code)
-    assert torch.all(model.policy_log_lrs.grad[head] == 0)
+    assert torch.all(model.raw_policy_lrs.grad[head] == 0)
     if cfg.adv_head:
-        assert model.adv_coef_log.grad.item() != 0  # lambda, reached only through theta'
+        assert model.raw_adv_coef.grad.item() != 0  # lambda, reached only through theta'
 
 
 def test_loop_and_vmap_give_the_same_meta_gradient():
@@ -210,11 +214,11 @@ def test_meta_training_changes_step_sizes_and_memory_stays_flat():
     cfg = small_config()
     model = macaw.MACAW(5, 2, cfg)
     opts = macaw.make_optimizers(model, cfg)
-    before = model.policy_log_lrs.detach().clone()
+    before = model.raw_policy_lrs.detach().clone()
     batches = [(random_batch(32, seed=t), random_batch(32, seed=t + 10)) for t in range(2)]
     for _ in range(3):
         macaw.meta_train_step(model, opts, batches, 2, cfg)
-    assert not torch.equal(before, model.policy_log_lrs.detach())
+    assert not torch.equal(before, model.raw_policy_lrs.detach())
     assert all(p.grad is None or p.grad.grad_fn is None for p in model.parameters())  # no graph kept alive
 
 
@@ -488,7 +492,7 @@ def test_interrupted_data_generation_keeps_finished_tasks(tmp_path, monkeypatch)
     monkeypatch.setattr(macaw, "collect_scripted", collect_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         macaw.ensure_data(cfg, bench)
-    written = sorted(p.name for p in (tmp_path / "point-robot").iterdir())
+    written = sorted(p.name for p in (tmp_path / "point-robot").iterdir() if p.name != ".lock")
     assert written == ["task0.npz", "task1.npz"]  # no partial third file, no temporary leftovers
     mtimes = [macaw.task_data_path(cfg, k).stat().st_mtime_ns for k in (0, 1)]
     monkeypatch.setattr(macaw, "collect_scripted", original)
