@@ -2,6 +2,7 @@
 
 Run with `pytest` (the README's command also executes tutorial.ipynb).
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -544,3 +545,191 @@ def test_unwritable_output_dir_fails_before_work(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "--out" in lines[0]
     assert not (tmp_path / "data").exists()  # no data generated
+
+
+# ------------------------------------------------------------------------------------------------
+# Reliability, part 2: damaged checkpoints, concurrent runs, failing writes, finished runs.
+# ------------------------------------------------------------------------------------------------
+def test_damaged_checkpoint_resumes_from_the_previous_one(tmp_path):
+    result = run_cli(*TINY, "--steps", "4", "--eval-every", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "point-robot-seed1"
+    assert torch.load(run / "checkpoint.prev.pt", weights_only=False)["step"] == 2  # kept beside the latest
+    latest = run / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # cut short, as by a full disk or a crash mid-copy
+
+    result = run_cli("--resume", str(run), "--steps", "6", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "damaged" in result.stdout and "checkpoint.prev.pt (step 2)" in result.stdout
+    straight = run_cli(*TINY, "--steps", "6", "--eval-every", "2", "--run-name", "straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    assert read_log_without_timing(run / "log.jsonl") == read_log_without_timing(
+        tmp_path / "runs" / "straight" / "log.jsonl")
+
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (run / name).write_bytes(b"garbage")
+    result = run_cli("--resume", str(run), "--steps", "8", cwd=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1
+    assert str(run / "checkpoint.pt") in lines[0] and "damaged" in lines[0] and "--run-name" in lines[0]
+
+
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path):
+    result = run_cli(*TINY, "--steps", "2", "--eval-every", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "point-robot-seed1"
+    before = {name: (run / name).read_bytes() for name in ("summary.json", "log.jsonl", "checkpoint.pt")}
+    result = run_cli("--resume", str(run), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "already finished at step 2" in result.stdout and "--steps" in result.stdout
+    assert "meta-train" not in result.stderr  # no training, no final evaluation
+    assert before == {name: (run / name).read_bytes() for name in before}
+
+
+def wait_for(condition, timeout=120):
+    import time
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_second_run_into_the_same_folder_stops_and_the_lock_dies_with_its_process(tmp_path):
+    import signal
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    first = subprocess.Popen([sys.executable, str(HERE / "macaw.py"), *TINY, "--steps", "100000", "--eval-every", "5"],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = tmp_path / "runs" / "point-robot-seed1"
+    try:
+        wait_for(lambda: (run / "checkpoint.pt").exists())
+        second = run_cli(*TINY, "--steps", "10", cwd=tmp_path)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert f"pid {first.pid}" in lines[0] and "--run-name" in lines[0]
+        first.send_signal(signal.SIGKILL)  # no clean-up code runs: only the OS can drop the lock
+        first.wait(timeout=60)
+    finally:
+        first.kill()
+    step = torch.load(run / "checkpoint.pt", weights_only=False)["step"] if (run / "checkpoint.pt").exists() else 5
+    resumed = run_cli("--resume", str(run), "--steps", str(step + 2), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_a_run_that_needs_data_being_made_waits_for_it_and_reuses_it(tmp_path):
+    helper = f"""
+import sys, time
+sys.path.insert(0, {str(HERE)!r})
+from pathlib import Path
+import macaw
+cfg = macaw.Config(env="point-robot", collector_steps=400)
+bench = macaw.BENCHMARKS["point-robot"]
+cfg.resolve(bench)
+with macaw.folder_lock(Path("data/point-robot"), wait=False, purpose="a test"):
+    print("locked", flush=True)
+    time.sleep(4)
+    macaw.generate_tasks(cfg, bench, macaw.missing_tasks(cfg, bench))
+"""
+    first = subprocess.Popen([sys.executable, "-c", helper], cwd=tmp_path, text=True, stdout=subprocess.PIPE)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        second = run_cli(*TINY, "--steps", "2", "--eval-every", "2", cwd=tmp_path)
+        assert second.returncode == 0, second.stderr
+        assert f"Waiting for process {first.pid}" in second.stdout
+        assert "Generating offline data" not in second.stdout  # it reused the first process's files
+        assert "Generating offline data" in first.communicate(timeout=60)[0]
+    finally:
+        first.kill()
+
+
+def test_a_failing_write_keeps_the_last_checkpoint_and_resume_continues(tmp_path, monkeypatch):
+    import errno
+    cfg = macaw.Config(env="point-robot", data_dir=str(tmp_path / "data"), out=str(tmp_path / "runs"),
+                       net_width=16, latent_dim=8, inner_batch=32, outer_batch=32, eval_batch=32,
+                       final_eval_rollouts=1, collector_steps=400, steps=6, eval_every=2)
+    disk_full, saves = [], []
+    real_fsync, real_save = os.fsync, macaw.save_checkpoint
+
+    def fsync(fd):
+        if disk_full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    def save_checkpoint(*args):
+        saves.append(1)
+        if len(saves) == 2:
+            disk_full.append(True)  # the disk fills up while the second checkpoint is written
+        real_save(*args)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(macaw, "save_checkpoint", save_checkpoint)
+    with pytest.raises(macaw.UserError) as err:
+        macaw.train(cfg)
+    run = tmp_path / "runs" / "point-robot-seed1"
+    message = str(err.value)
+    assert str(run / "checkpoint.pt") in message and "No space left" in message and "--resume" in message
+    assert "\n" not in message
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2  # the last good one, intact
+    assert not list(run.glob("*.tmp"))
+    monkeypatch.undo()
+
+    resumed = macaw.train(macaw.Config(resume=str(run)))
+    straight = macaw.train(dataclasses.replace(cfg, run_name="straight"))
+    assert read_log_without_timing(run / "log.jsonl") == read_log_without_timing(
+        tmp_path / "runs" / "straight" / "log.jsonl")
+    assert resumed["tasks"] == straight["tasks"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Copying into coursework: library calls leave the caller's process alone.
+# ------------------------------------------------------------------------------------------------
+def test_train_leaves_threads_rng_and_signal_handlers_as_it_found_them(tmp_path):
+    import signal
+    import threading
+    cfg = macaw.Config(env="point-robot", data_dir=str(tmp_path / "data"), out=str(tmp_path / "runs"),
+                       net_width=16, latent_dim=8, inner_batch=32, outer_batch=32, eval_batch=32,
+                       final_eval_rollouts=1, collector_steps=400, steps=2, eval_every=2, threads=2)
+    torch.manual_seed(123)
+    rng, threads = torch.get_rng_state(), torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    summary = macaw.train(cfg)
+    assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
+    assert handlers == {s: signal.getsignal(s) for s in handlers}
+
+    # The command recorded in the summary reproduces the run's settings (not the caller's argv).
+    command = summary["command"].split()
+    assert command[:2] == ["python", "macaw.py"]
+    again = macaw.parse_config(command[2:]).resolve(macaw.BENCHMARKS["point-robot"])
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+    # From a worker thread (where Python allows no signal handlers) it runs too.
+    errors = []
+    thread = threading.Thread(target=lambda: errors.append(
+        macaw.main(["--env", "point-robot", "--data-dir", cfg.data_dir, "--out", cfg.out, "--run-name", "t",
+                    "--steps", "2", *TINY[2:]])))
+    thread.start()
+    thread.join()
+    assert errors == [0]
+
+
+def test_main_returns_its_exit_code_instead_of_exiting(tmp_path, capsys):
+    assert macaw.main(["--env", "nope"]) == 2
+    assert "valid envs" in capsys.readouterr().err
+
+
+def test_point_robot_runs_without_mujoco_installed(tmp_path):
+    code = (f"import sys; sys.modules['mujoco'] = None; sys.path.insert(0, {str(HERE)!r}); import macaw; "
+            f"sys.exit(macaw.main({TINY + ['--steps', '2', '--eval-every', '2']!r}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    versions = json.loads((tmp_path / "runs" / "point-robot-seed1" / "versions.json").read_text())
+    assert versions["mujoco"] is None
+
+
+def test_resume_names_the_flags_it_ignores(tmp_path):
+    result = run_cli(*TINY, "--steps", "2", "--eval-every", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "point-robot-seed1"
+    result = run_cli("--resume", str(run), "--steps", "4", "--net-width", "64", "--seed", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ignored: --seed 3, --net-width 64" in result.stdout
+    assert json.loads((run / "config.json").read_text())["net_width"] == 16
