@@ -62,11 +62,13 @@ def fixture_batches(fx):
 
 
 @pytest.mark.parametrize("vmap_tasks", [False, True], ids=["loop", "vmap"])
-def test_reproduces_authors_meta_step(fx, vmap_tasks):
+@pytest.mark.parametrize("plain_inner_step", [False, True], ids=["fast", "plain"])
+def test_reproduces_authors_meta_step(fx, vmap_tasks, plain_inner_step):
     torch.set_num_threads(2)  # the fixture was recorded with 2 threads
     try:
         settings = fx["settings"]  # the authors' standard.json values (this project's value lr differs)
-        cfg = small_config(vmap_tasks=vmap_tasks, outer_value_lr=settings["outer_value_lr"],
+        cfg = small_config(vmap_tasks=vmap_tasks, plain_inner_step=plain_inner_step,
+                           outer_value_lr=settings["outer_value_lr"],
                            outer_policy_lr=settings["outer_policy_lr"], outer_log_lr_lr=settings["log_lr_lr"])
         model = fixture_model(fx, cfg)
         batches = fixture_batches(fx)
@@ -81,7 +83,7 @@ def test_reproduces_authors_meta_step(fx, vmap_tasks):
             # AWR weights and advantage means, recomputed from the adapted value function
             vparams, pparams = model.params()
             inner, outer = batches[t]
-            adapted_v, _, _ = macaw.adapt(model, vparams, pparams, inner, cfg)
+            adapted_v, _, _, _ = macaw.adapt(model, vparams, pparams, inner, cfg)
             for key, batch in (("inner", inner), ("outer", outer)):
                 adv = macaw.advantages(model.value, adapted_v, batch)
                 torch.testing.assert_close(macaw.awr_weights(adv, cfg.adv_clip), ref[f"{key}_awr_weights"],
@@ -164,7 +166,7 @@ def test_one_inner_step_lowers_inner_losses():
     model = macaw.MACAW(5, 2, cfg)
     batch = random_batch(32)
     vparams, pparams = model.params()
-    adapted_v, adapted_p, stats = macaw.adapt(model, vparams, pparams, batch, cfg)
+    adapted_v, adapted_p, _, stats = macaw.adapt(model, vparams, pparams, batch, cfg)
     after_v = macaw.value_loss(model.value, adapted_v, batch, batch["mc_return"])
     assert after_v.item() < stats["inner_value"].item()
     adv = macaw.advantages(model.value, adapted_v, batch)
@@ -195,17 +197,38 @@ def test_meta_gradients_reach_every_meta_parameter(flags):
         assert model.raw_adv_coef.grad.item() != 0  # lambda, reached only through theta'
 
 
+def meta_gradient(cfg, batches, obs_dim=5, act_dim=2):
+    torch.manual_seed(0)
+    model = macaw.MACAW(obs_dim, act_dim, cfg)
+    losses = macaw.meta_losses(model, batches, cfg)
+    ((losses["outer_value"].sum() + losses["outer_policy"].sum()) / len(batches)).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}, losses
+
+
+def test_fast_and_plain_inner_steps_agree_at_paper_width():
+    """The fast form (no stepped copy of T) is the same function as the plain form: same adapted
+    weights, same losses, same meta-gradient for every meta-parameter, at the paper's sizes."""
+    batches = [(random_batch(256, 17, 6, seed=2 * t), random_batch(256, 17, 6, seed=2 * t + 1)) for t in range(2)]
+    fast, fast_losses = meta_gradient(macaw.Config(), batches, 17, 6)
+    plain, plain_losses = meta_gradient(macaw.Config(plain_inner_step=True), batches, 17, 6)
+    for key in fast_losses:
+        torch.testing.assert_close(fast_losses[key], plain_losses[key], rtol=1e-5, atol=0)
+    for name, g in plain.items():
+        assert ((fast[name] - g).norm() / g.norm()).item() <= 1e-5, name
+    torch.manual_seed(0)
+    model = macaw.MACAW(17, 6, macaw.Config())
+    inner = batches[0][0]
+    adapted = [macaw.adapt(model, *model.params(), inner, macaw.Config(plain_inner_step=plain)) for plain in (False, True)]
+    x = torch.randn(64, 17)
+    for index, net in ((0, model.value), (1, model.policy), (2, model.value)):  # phi', theta', phibar
+        out_fast, out_plain = (torch.func.functional_call(net, a[index], (x,)) for a in adapted)
+        torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-6)
+
+
 def test_loop_and_vmap_give_the_same_meta_gradient():
     """The readable loop over tasks (the default) and torch.func.vmap over tasks are the same function."""
-    grads = []
-    for vmap_tasks in (False, True):
-        torch.manual_seed(0)
-        cfg = small_config(vmap_tasks=vmap_tasks)
-        model = macaw.MACAW(5, 2, cfg)
-        batches = [(random_batch(32, seed=2 * t), random_batch(32, seed=2 * t + 1)) for t in range(3)]
-        losses = macaw.meta_losses(model, batches, cfg)
-        ((losses["outer_value"].sum() + losses["outer_policy"].sum()) / 3).backward()
-        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    batches = [(random_batch(32, seed=2 * t), random_batch(32, seed=2 * t + 1)) for t in range(3)]
+    grads = [meta_gradient(small_config(vmap_tasks=vmap_tasks), batches)[0] for vmap_tasks in (False, True)]
     for name, g in grads[0].items():
         assert ((grads[1][name] - g).norm() / g.norm()).item() < 1e-4, name
 
@@ -321,6 +344,16 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
         macaw.atomic_write(target, interrupted_write)
     assert target.read_bytes() == b"old contents"
     assert list(tmp_path.iterdir()) == [target]
+
+    def disk_full(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(macaw.WriteError, match="No space left on device") as err:
+        macaw.atomic_write(target, disk_full, keep_previous=True)
+    assert str(target) in str(err.value)
+    assert target.read_bytes() == b"old contents"
+    assert list(tmp_path.iterdir()) == [target]  # no temporary file, no rotation
 
 
 # ------------------------------------------------------------------------------------------------
@@ -733,3 +766,65 @@ def test_resume_names_the_flags_it_ignores(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ignored: --seed 3, --net-width 64" in result.stdout
     assert json.loads((run / "config.json").read_text())["net_width"] == 16
+
+
+# ------------------------------------------------------------------------------------------------
+# The data collector: stacked SAC agents in lock-step, checkpointed, stoppable.
+# ------------------------------------------------------------------------------------------------
+def test_collector_resumed_from_its_checkpoint_gives_the_uninterrupted_data(tmp_path):
+    bench = macaw.BENCHMARKS["cheetah-dir"]
+    envs = lambda: [macaw.make_task_env(bench, k) for k in bench.test_ids]
+    small = dict(random_steps=200, batch_size=32, width=32)
+    straight = macaw.collect_sac(envs(), 600, 0, **small)
+    checkpoint, boundaries = tmp_path / "collector.pt", []
+    with pytest.raises(macaw.Interrupted, match="stopped at step 400"):  # episodes end together every 200 steps
+        macaw.collect_sac(envs(), 600, 0, checkpoint, checkpoint_every_s=1e9,
+                          should_stop=lambda: boundaries.append(1) or len(boundaries) == 2, **small)
+    assert torch.load(checkpoint, weights_only=False)["t"] == 400
+    resumed = macaw.collect_sac(envs(), 600, 0, checkpoint, **small)
+    for a, b in zip(straight, resumed):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert not np.array_equal(straight[0]["rewards"], straight[1]["rewards"])  # two tasks, two agents
+
+
+def spawned_children(pid):
+    """Pids of the multiprocessing workers that process `pid` started (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").exists() and " Z " not in Path(f"/proc/{pid}/stat").read_text()
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="reads the process table from /proc")
+def test_sigterm_during_data_generation_stops_every_worker(tmp_path):
+    import signal
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    proc = subprocess.Popen([sys.executable, str(HERE / "macaw.py"), "--env", "cheetah-dir", "--collector-steps",
+                             "100000"], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(spawned_children(proc.pid)) == 2)
+        workers = spawned_children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    last_line = err.strip().splitlines()[-1]
+    assert last_line.startswith("stopped: SIGTERM") and "data generation stopped" in last_line
+    wait_for(lambda: not any(alive(w) for w in workers), timeout=20)  # no orphaned collector keeps running

@@ -1,53 +1,224 @@
-"""Benchmark: MACAW meta-steps per second at the paper's network sizes on synthetic cheetah-sized data.
+"""Benchmark: MACAW meta-steps per second at the paper's network sizes, each path side by side.
 
-    python benchmarks/meta_step.py                 # loop vs vmap, 1 vs 2 threads, 2 and 5 tasks
-    python benchmarks/meta_step.py --seconds 20    # longer timing windows
+    python benchmarks/meta_step.py                  # the full table; writes results/bench.json
+    python benchmarks/meta_step.py --repeats 3 --seconds 3 --no-collector   # a quicker look
 
-Each setting warms up for 3 steps, then times full meta_train_step calls (inner + outer + Adam).
+For 2 and 5 tasks and 1 and 2 threads it times full `meta_train_step` calls (inner + outer + Adam)
+on synthetic cheetah-sized data (17-d observations, 6-d actions), for each path:
+    plain  the readable form: a Python loop over tasks, the inner step as a stepped copy of every tensor
+           (--plain-inner-step --no-vmap-tasks)
+    fast   the same loop, the inner step in its exact fast form (no stepped copy of T) (--no-vmap-tasks)
+    vmap   the default: the fast form, vectorised over tasks with torch.func.vmap
+Each path warms up, then runs `--repeats` timing windows of `--seconds`; the table gives the median,
+min and max meta-steps/s, the speedup over plain, the FLOPs of one meta-step
+(torch.utils.flop_counter) and the utilisation: FLOPs x steps/s / the float32 matmul FLOP/s measured
+in the same run. Then the data collector's env steps/s, and the peak memory of one training step.
+Paths are interleaved within each repeat, so a noisy neighbour slows all of them alike.
 """
 import argparse
+import datetime
+import platform
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 import macaw  # noqa: E402
 
+PATHS = {"plain": dict(plain_inner_step=True, vmap_tasks=False), "fast": dict(vmap_tasks=False), "vmap": {}}
+OBS_DIM, ACT_DIM = 17, 6
 
-def time_steps(cfg, tasks, seconds, obs_dim=17, act_dim=6):
-    torch.manual_seed(0)
-    model = macaw.MACAW(obs_dim, act_dim, cfg)
-    opts = macaw.make_optimizers(model, cfg)
-    g = torch.Generator().manual_seed(0)
+
+def synthetic_batches(cfg, tasks, seed=0):
+    g = torch.Generator().manual_seed(seed)
 
     def batch(n):
-        return dict(obs=torch.randn(n, obs_dim, generator=g), actions=torch.rand(n, act_dim, generator=g) * 2 - 1,
-                    mc_return=torch.randn(n, generator=g) * 100, terminal_obs=torch.randn(n, obs_dim, generator=g),
+        return dict(obs=torch.randn(n, OBS_DIM, generator=g), actions=torch.rand(n, ACT_DIM, generator=g) * 2 - 1,
+                    mc_return=torch.randn(n, generator=g) * 100, terminal_obs=torch.randn(n, OBS_DIM, generator=g),
                     terminal_discount=torch.rand(n, generator=g))
-    batches = [(batch(cfg.inner_batch), batch(cfg.outer_batch)) for _ in range(tasks)]
-    for _ in range(3):
-        macaw.meta_train_step(model, opts, batches, tasks, cfg)
+    return [(batch(cfg.inner_batch), batch(cfg.outer_batch)) for _ in range(tasks)]
+
+
+def setup(path, tasks, device):
+    cfg = macaw.Config(device=device, **PATHS[path])
+    torch.manual_seed(0)
+    model = macaw.MACAW(OBS_DIM, ACT_DIM, cfg).to(device)
+    batches = [tuple({k: v.to(device) for k, v in b.items()} for b in pair) for pair in synthetic_batches(cfg, tasks)]
+    return cfg, model, macaw.make_optimizers(model, cfg), batches
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def steps_per_second(state, seconds, device):
+    cfg, model, opts, batches = state
     n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        macaw.meta_train_step(model, opts, batches, tasks, cfg)
+    while time.perf_counter() - start < seconds or n < 2:
+        macaw.meta_train_step(model, opts, batches, len(batches), cfg)
         n += 1
+    sync(device)
     return n / (time.perf_counter() - start)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seconds", type=float, default=10)
+class GlobalOnly:
+    """Stands in for FlopCounterMode's module tracker, whose backward hooks break torch.func.grad;
+    only the total is needed here."""
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def flops_per_step(state):
+    cfg, model, opts, batches = state
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = GlobalOnly()
+    with counter:
+        macaw.meta_train_step(model, opts, batches, len(batches), cfg)
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_second(device, n=2048, repeats=5):
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / min(times)
+
+
+MEMORY_PROBE = """
+import sys, torch
+sys.path.insert(0, {here!r})
+import meta_step as b
+torch.set_num_threads(1)
+state = b.setup({path!r}, {tasks}, {device!r})
+def status(key):  # kB from /proc/self/status
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+if {device!r} == "cpu":
+    base = status("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")  # resets the peak (VmHWM) to the current resident set
+else:
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() / 1024
+for _ in range(3):
+    b.macaw.meta_train_step(state[1], state[2], state[3], {tasks}, state[0])
+peak = status("VmHWM:") if {device!r} == "cpu" else torch.cuda.max_memory_allocated() / 1024
+print((peak - base) / 1024)
+"""
+
+
+def peak_memory_mb(path, tasks, device):
+    """Peak extra memory of three training steps over the set-up (weights, batches), in a fresh
+    process (CPU: resident set, Linux; CUDA: the allocator's peak)."""
+    code = MEMORY_PROBE.format(here=str(ROOT / "benchmarks"), path=path, tasks=tasks, device=device)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(out.split()[-1])
+
+
+def collector_worker(n_tasks, steps, random_steps):
+    """One collector process: n_tasks cheetah-dir-style tasks (alternating directions) in lock-step."""
+    torch.set_num_threads(1)
+    bench = macaw.BENCHMARKS["cheetah-dir"]
+    envs = [macaw.make_task_env(bench, k % 2) for k in range(n_tasks)]
+    start = time.perf_counter()
+    macaw.collect_sac(envs, steps, 0, random_steps=random_steps)
+    return time.perf_counter() - start
+
+
+def collector_env_steps_per_second(tasks, steps, random_steps=200):
+    """Env steps per second of the whole collector (one process per core, as ensure_data runs it),
+    including the random-action warm-up and the final evaluation episodes."""
+    import multiprocessing
+    workers = min(multiprocessing.cpu_count(), tasks)
+    groups = [len(g) for g in __import__("numpy").array_split(range(tasks), workers)]
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        start = time.perf_counter()
+        pool.starmap(collector_worker, [(n, steps, random_steps) for n in groups])
+        elapsed = time.perf_counter() - start
+    return tasks * steps / elapsed
+
+
+def record(kind, **fields):
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return dict(kind=kind, **fields, device=DEVICE_NAME, commit=commit or "unknown",
+                date=datetime.date.today().isoformat())
+
+
+def main():
+    global DEVICE_NAME
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=4, help="length of one timing window")
+    parser.add_argument("--repeats", type=int, default=5, help="timing windows per path and setting")
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 5])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-collector", action="store_true", help="skip the data-collector benchmark")
+    parser.add_argument("--collector-steps", type=int, default=1200, help="env steps per task in the collector benchmark")
+    parser.add_argument("--out", default=str(ROOT / "results" / "bench.json"))
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} default threads")
-    print(f"{'tasks':>5} {'threads':>7} {'form':>5} {'meta-steps/s':>13}")
+    DEVICE_NAME = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+                   else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} cores visible to torch")
+    records = []
+    print(f"torch {torch.__version__}, device: {DEVICE_NAME}; {args.repeats} x {args.seconds:g} s per cell")
+    print(f"{'tasks':>5} {'threads':>7} {'path':>6} {'steps/s median':>15} {'(min-max)':>13} {'vs plain':>9} "
+          f"{'GFLOP/step':>11} {'matmul GFLOP/s':>15} {'utilisation':>12}")
     for tasks in args.tasks:
         for threads in args.threads:
             torch.set_num_threads(threads)
-            for vmap_tasks in (False, True):
-                cfg = macaw.Config(vmap_tasks=vmap_tasks)
-                rate = time_steps(cfg, tasks, args.seconds)
-                print(f"{tasks:>5} {threads:>7} {'vmap' if vmap_tasks else 'loop':>5} {rate:13.2f}", flush=True)
+            matmul = matmul_flops_per_second(args.device)
+            states = {p: setup(p, tasks, args.device) for p in args.paths}
+            for state in states.values():
+                steps_per_second(state, 0.5, args.device)  # warm-up
+            rates = {p: [] for p in args.paths}
+            for _ in range(args.repeats):
+                for p in args.paths:  # interleaved
+                    rates[p].append(steps_per_second(states[p], args.seconds, args.device))
+            median = {p: statistics.median(r) for p, r in rates.items()}
+            for p in args.paths:
+                flops = flops_per_step(states[p])
+                speedup = median[p] / median["plain"] if "plain" in median else None
+                util = flops * median[p] / matmul
+                print(f"{tasks:>5} {threads:>7} {p:>6} {median[p]:15.2f} {f'({min(rates[p]):.1f}-{max(rates[p]):.1f})':>13} "
+                      f"{f'{speedup:.2f}x' if speedup else '':>9} {flops / 1e9:11.2f} {matmul / 1e9:15.1f} {util:11.1%}",
+                      flush=True)
+                records.append(record("meta_step", tasks=tasks, threads=threads, path=p,
+                                      steps_per_s=round(median[p], 3), min=round(min(rates[p]), 3),
+                                      max=round(max(rates[p]), 3),
+                                      speedup_vs_plain=round(speedup, 3) if speedup else None,
+                                      flops_per_step=flops, matmul_flops_per_s=round(matmul),
+                                      utilisation=round(util, 4)))
+    print("\npeak memory of a training step (5 tasks, over the set-up):")
+    for p in args.paths:
+        mb = peak_memory_mb(p, 5, args.device)
+        print(f"  {p:>6}: {mb:.0f} MB")
+        records.append(record("memory", tasks=5, path=p, peak_mb=round(mb, 1)))
+    if not args.no_collector:
+        print(f"\ndata collector (SAC width 128, {args.collector_steps} steps per task, 200 of them random):")
+        for tasks in (2, 40):
+            rate = collector_env_steps_per_second(tasks, args.collector_steps)
+            print(f"  {tasks:>3} tasks: {rate:.0f} env steps/s in total", flush=True)
+            records.append(record("collector", tasks=tasks, env_steps_per_s=round(rate, 1)))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    macaw.write_json(args.out, records)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
