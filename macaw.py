@@ -12,11 +12,13 @@ supervised regressions: Monte-Carlo value regression and advantage-weighted regr
 
 How to read this file
 ---------------------
-The algorithm is sections 1-7 (about 560 lines): config, tasks, the offline data as MACAW reads
-them, networks, losses, the inner/outer loops, evaluation. Sections 8 ("how the data are made":
-SAC and a scripted collector) and 9 ("running it": files, locks, checkpoints, logs, plots, the CLI)
-are machinery that a first read can skip. Every default mirrors the authors' `config/alg/standard.json`
-unless the README's table "Defaults that differ from the paper's code" says otherwise.
+The algorithm is sections 1-7, right after this docstring (about 660 lines): config, tasks, the
+offline data as MACAW reads them, then the core, sections 4-7 (about 350 lines): networks, losses,
+the inner/outer loops, evaluation. Sections 8 ("how the data are made": SAC and a scripted
+collector, about 300 lines) and 9 ("running it": files, locks, checkpoints, logs, plots, the CLI,
+about 380 lines) are machinery that a first read can skip. Every default mirrors the authors'
+`config/alg/standard.json` unless the README's table "Defaults that differ from the paper's code"
+says otherwise.
 
 Key equations (one notation everywhere; code names in [brackets])
 -----------------------------------------------------------------
@@ -698,10 +700,11 @@ def make_optimizers(model, cfg):
     """Adam on the value weights (--outer-value-lr, default 1e-4; authors 1e-5), the policy weights
     (--outer-policy-lr, 1e-4) and the raw step sizes + lambda (--outer-log-lr-lr, 1e-3). fused=True:
     the same update in one kernel per group (4x faster than the per-tensor loop over 4.9 M weights)."""
-    return [torch.optim.Adam(model.value.parameters(), lr=cfg.outer_value_lr, fused=True),
-            torch.optim.Adam(model.policy.parameters(), lr=cfg.outer_policy_lr, fused=True),
+    fused = model.raw_adv_coef.device.type in ("cpu", "cuda")  # where torch has the fused kernel
+    return [torch.optim.Adam(model.value.parameters(), lr=cfg.outer_value_lr, fused=fused),
+            torch.optim.Adam(model.policy.parameters(), lr=cfg.outer_policy_lr, fused=fused),
             torch.optim.Adam([model.raw_value_lrs, model.raw_policy_lrs, model.raw_adv_coef],
-                             lr=cfg.outer_log_lr_lr, fused=True)]
+                             lr=cfg.outer_log_lr_lr, fused=fused)]
 
 
 class NonFiniteError(Exception):

@@ -828,3 +828,14 @@ def test_sigterm_during_data_generation_stops_every_worker(tmp_path):
     last_line = err.strip().splitlines()[-1]
     assert last_line.startswith("stopped: SIGTERM") and "data generation stopped" in last_line
     wait_for(lambda: not any(alive(w) for w in workers), timeout=20)  # no orphaned collector keeps running
+
+
+# ------------------------------------------------------------------------------------------------
+# The tutorial's worked solutions still run (tiny sizes; the notebook quotes the full ones).
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", sorted(p.name for p in (HERE / "solutions").glob("ex*.py")))
+def test_solution_runs(tmp_path, script):
+    result = subprocess.run([sys.executable, str(HERE / "solutions" / script), "--quick", "--data-dir", str(tmp_path)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip()
