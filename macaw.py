@@ -7,7 +7,7 @@ supervised regressions: Monte-Carlo value regression and advantage-weighted regr
 
     pip install -r requirements.txt
     python macaw.py --env cheetah-dir        # makes the offline data once, meta-trains, evaluates
-    python macaw.py --env point-robot        # a 2-D toy task (2.4 min on one CPU core, README)
+    python macaw.py --env point-robot        # a 2-D toy task (under a minute on one CPU core)
     python -m pytest                         # the tests (and the tutorial notebook)
 
 How to read this file

@@ -9,6 +9,9 @@ on synthetic cheetah-sized data (17-d observations, 6-d actions), for each path:
            (--plain-inner-step --no-vmap-tasks)
     fast   the same loop, the inner step in its exact fast form (no stepped copy of T) (--no-vmap-tasks)
     vmap   the default: the fast form, vectorised over tasks with torch.func.vmap
+    compiled  (--compile) the vmap path as one pure function of the meta-parameters,
+           torch.func.grad(meta-objective), compiled with torch.compile (its compile time is reported;
+           autograd's double backward, which the other paths use, cannot be compiled)
 Each path warms up, then runs `--repeats` timing windows of `--seconds`; the table gives the median,
 min and max meta-steps/s, the speedup over plain, the FLOPs of one meta-step
 (torch.utils.flop_counter) and the utilisation: FLOPs x steps/s / the float32 matmul FLOP/s measured
@@ -45,12 +48,55 @@ def synthetic_batches(cfg, tasks, seed=0):
     return [(batch(cfg.inner_batch), batch(cfg.outer_batch)) for _ in range(tasks)]
 
 
+class MetaObjective(torch.nn.Module):
+    """The meta-objective J as a module over all meta-parameters, so that torch.func.grad can take
+    it as a pure function of them."""
+
+    def __init__(self, model, cfg):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, batches):
+        losses = macaw.meta_losses(self.model, batches, self.cfg)
+        return (losses["outer_value"].sum() + losses["outer_policy"].sum()) / len(batches)
+
+
+class CompiledStep:
+    """meta_train_step with the meta-gradient from torch.compile(torch.func.grad(J))."""
+
+    def __init__(self, model, optimizers, cfg):
+        self.model, self.optimizers = model, optimizers
+        objective = MetaObjective(model, cfg)
+        self.gradient = torch.compile(torch.func.grad(
+            lambda params, batches: torch.func.functional_call(objective, params, (batches,))))
+
+    def __call__(self, batches):
+        params = {f"model.{k}": v.detach() for k, v in self.model.named_parameters()}
+        grads = self.gradient(params, batches)
+        for name, p in self.model.named_parameters():
+            p.grad = grads[f"model.{name}"]
+        for opt in self.optimizers:
+            opt.step()
+
+
 def setup(path, tasks, device):
-    cfg = macaw.Config(device=device, **PATHS[path])
+    cfg = macaw.Config(device=device, **PATHS.get(path, {}))
     torch.manual_seed(0)
     model = macaw.MACAW(OBS_DIM, ACT_DIM, cfg).to(device)
     batches = [tuple({k: v.to(device) for k, v in b.items()} for b in pair) for pair in synthetic_batches(cfg, tasks)]
-    return cfg, model, macaw.make_optimizers(model, cfg), batches
+    optimizers = macaw.make_optimizers(model, cfg)
+    if path == "compiled":
+        compiled = CompiledStep(model, optimizers, cfg)
+        params = {f"model.{k}": v.detach() for k, v in model.named_parameters()}
+        grads = compiled.gradient(params, batches)  # compiles; then check it against eager autograd
+        MetaObjective(model, cfg)(batches).backward()
+        error = max(((grads[f"model.{k}"] - p.grad).norm() / p.grad.norm()).item()
+                    for k, p in model.named_parameters() if p.grad.norm() > 0)
+        model.zero_grad(set_to_none=True)
+        print(f"{'':>14} (compiled meta-gradient vs eager: largest relative difference per tensor {error:.1e})")
+        assert error < 1e-4, error
+        return cfg, model, optimizers, batches, compiled
+    return cfg, model, optimizers, batches, lambda b: macaw.meta_train_step(model, optimizers, b, len(b), cfg)
 
 
 def sync(device):
@@ -59,10 +105,10 @@ def sync(device):
 
 
 def steps_per_second(state, seconds, device):
-    cfg, model, opts, batches = state
+    batches, step = state[3], state[4]
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds or n < 2:
-        macaw.meta_train_step(model, opts, batches, len(batches), cfg)
+        step(batches)
         n += 1
     sync(device)
     return n / (time.perf_counter() - start)
@@ -81,7 +127,7 @@ class GlobalOnly:
 
 
 def flops_per_step(state):
-    cfg, model, opts, batches = state
+    cfg, model, opts, batches = state[:4]
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = GlobalOnly()
     with counter:
@@ -117,7 +163,7 @@ else:
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() / 1024
 for _ in range(3):
-    b.macaw.meta_train_step(state[1], state[2], state[3], {tasks}, state[0])
+    state[4](state[3])
 peak = status("VmHWM:") if {device!r} == "cpu" else torch.cuda.max_memory_allocated() / 1024
 print((peak - base) / 1024)
 """
@@ -155,9 +201,14 @@ def collector_env_steps_per_second(tasks, steps, random_steps=200):
 
 
 def record(kind, **fields):
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return dict(kind=kind, **fields, device=DEVICE_NAME, commit=commit or "unknown",
-                date=datetime.date.today().isoformat())
+    return dict(kind=kind, **fields, device=DEVICE_NAME, commit=macaw.git_commit(), date=datetime.date.today().isoformat())
+
+
+def cpu_name():
+    try:
+        return next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main():
@@ -167,15 +218,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timing windows per path and setting")
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 5])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=[*PATHS, "compiled"])
+    parser.add_argument("--compile", action="store_true", help="also time the compiled path (minutes of compiling)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-collector", action="store_true", help="skip the data-collector benchmark")
     parser.add_argument("--collector-steps", type=int, default=1200, help="env steps per task in the collector benchmark")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench.json"))
     args = parser.parse_args()
     DEVICE_NAME = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
-                   else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} cores visible to torch")
+                   else f"{cpu_name()}, {torch.get_num_threads()} cores visible to torch")
     records = []
+    paths = args.paths + (["compiled"] if args.compile and "compiled" not in args.paths else [])
     print(f"torch {torch.__version__}, device: {DEVICE_NAME}; {args.repeats} x {args.seconds:g} s per cell")
     print(f"{'tasks':>5} {'threads':>7} {'path':>6} {'steps/s median':>15} {'(min-max)':>13} {'vs plain':>9} "
           f"{'GFLOP/step':>11} {'matmul GFLOP/s':>15} {'utilisation':>12}")
@@ -183,16 +236,20 @@ def main():
         for threads in args.threads:
             torch.set_num_threads(threads)
             matmul = matmul_flops_per_second(args.device)
-            states = {p: setup(p, tasks, args.device) for p in args.paths}
-            for state in states.values():
-                steps_per_second(state, 0.5, args.device)  # warm-up
-            rates = {p: [] for p in args.paths}
+            states, compile_s = {}, None
+            for p in paths:
+                start = time.perf_counter()
+                states[p] = setup(p, tasks, args.device)
+                steps_per_second(states[p], 0.5, args.device)  # warm-up (and, for "compiled", compiling)
+                if p == "compiled":
+                    compile_s = time.perf_counter() - start
+            rates = {p: [] for p in paths}
             for _ in range(args.repeats):
-                for p in args.paths:  # interleaved
+                for p in paths:  # interleaved
                     rates[p].append(steps_per_second(states[p], args.seconds, args.device))
             median = {p: statistics.median(r) for p, r in rates.items()}
-            for p in args.paths:
-                flops = flops_per_step(states[p])
+            for p in paths:
+                flops = flops_per_step(states[p if p != "compiled" else "vmap"])  # same arithmetic
                 speedup = median[p] / median["plain"] if "plain" in median else None
                 util = flops * median[p] / matmul
                 print(f"{tasks:>5} {threads:>7} {p:>6} {median[p]:15.2f} {f'({min(rates[p]):.1f}-{max(rates[p]):.1f})':>13} "
@@ -203,9 +260,12 @@ def main():
                                       max=round(max(rates[p]), 3),
                                       speedup_vs_plain=round(speedup, 3) if speedup else None,
                                       flops_per_step=flops, matmul_flops_per_s=round(matmul),
-                                      utilisation=round(util, 4)))
+                                      utilisation=round(util, 4),
+                                      **({"compile_s": round(compile_s, 1)} if p == "compiled" else {})))
+            if compile_s is not None:
+                print(f"{'':>14} (compiled: {compile_s:.0f} s of compiling before the first step)")
     print("\npeak memory of a training step (5 tasks, over the set-up):")
-    for p in args.paths:
+    for p in args.paths:  # (the compiled path would measure the compiler)
         mb = peak_memory_mb(p, 5, args.device)
         print(f"  {p:>6}: {mb:.0f} MB")
         records.append(record("memory", tasks=5, path=p, peak_mb=round(mb, 1)))
