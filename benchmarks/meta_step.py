@@ -9,7 +9,7 @@ on synthetic cheetah-sized data (17-d observations, 6-d actions), for each path:
            (--plain-inner-step --no-vmap-tasks)
     fast   the same loop, the inner step in its exact fast form (no stepped copy of T) (--no-vmap-tasks)
     vmap   the default: the fast form, vectorised over tasks with torch.func.vmap
-    compiled  (--compile) the vmap path as one pure function of the meta-parameters,
+    compiled  (--compile here and in macaw.py) the vmap path as one pure function of the meta-parameters,
            torch.func.grad(meta-objective), compiled with torch.compile (its compile time is reported;
            autograd's double backward, which the other paths use, cannot be compiled)
 Each path warms up, then runs `--repeats` timing windows of `--seconds`; the table gives the median,
@@ -48,55 +48,23 @@ def synthetic_batches(cfg, tasks, seed=0):
     return [(batch(cfg.inner_batch), batch(cfg.outer_batch)) for _ in range(tasks)]
 
 
-class MetaObjective(torch.nn.Module):
-    """The meta-objective J as a module over all meta-parameters, so that torch.func.grad can take
-    it as a pure function of them."""
-
-    def __init__(self, model, cfg):
-        super().__init__()
-        self.model, self.cfg = model, cfg
-
-    def forward(self, batches):
-        losses = macaw.meta_losses(self.model, batches, self.cfg)
-        return (losses["outer_value"].sum() + losses["outer_policy"].sum()) / len(batches)
-
-
-class CompiledStep:
-    """meta_train_step with the meta-gradient from torch.compile(torch.func.grad(J))."""
-
-    def __init__(self, model, optimizers, cfg):
-        self.model, self.optimizers = model, optimizers
-        objective = MetaObjective(model, cfg)
-        self.gradient = torch.compile(torch.func.grad(
-            lambda params, batches: torch.func.functional_call(objective, params, (batches,))))
-
-    def __call__(self, batches):
-        params = {f"model.{k}": v.detach() for k, v in self.model.named_parameters()}
-        grads = self.gradient(params, batches)
-        for name, p in self.model.named_parameters():
-            p.grad = grads[f"model.{name}"]
-        for opt in self.optimizers:
-            opt.step()
-
-
 def setup(path, tasks, device):
     cfg = macaw.Config(device=device, **PATHS.get(path, {}))
     torch.manual_seed(0)
     model = macaw.MACAW(OBS_DIM, ACT_DIM, cfg).to(device)
     batches = [tuple({k: v.to(device) for k, v in b.items()} for b in pair) for pair in synthetic_batches(cfg, tasks)]
     optimizers = macaw.make_optimizers(model, cfg)
-    if path == "compiled":
-        compiled = CompiledStep(model, optimizers, cfg)
-        params = {f"model.{k}": v.detach() for k, v in model.named_parameters()}
-        grads = compiled.gradient(params, batches)  # compiles; then check it against eager autograd
-        MetaObjective(model, cfg)(batches).backward()
-        error = max(((grads[f"model.{k}"] - p.grad).norm() / p.grad.norm()).item()
+    gradient = None
+    if path == "compiled":  # macaw.py's --compile
+        gradient = macaw.compiled_meta_gradient(model, tasks, cfg)
+        grads, _ = gradient({k: v.detach() for k, v in model.named_parameters()}, batches)  # compiles
+        macaw.meta_objective(model, batches, tasks, cfg)[0].backward()  # check it against eager autograd
+        error = max(((grads[k] - p.grad).norm() / p.grad.norm()).item()
                     for k, p in model.named_parameters() if p.grad.norm() > 0)
         model.zero_grad(set_to_none=True)
         print(f"{'':>14} (compiled meta-gradient vs eager: largest relative difference per tensor {error:.1e})")
         assert error < 1e-4, error
-        return cfg, model, optimizers, batches, compiled
-    return cfg, model, optimizers, batches, lambda b: macaw.meta_train_step(model, optimizers, b, len(b), cfg)
+    return cfg, model, optimizers, batches, lambda b: macaw.meta_train_step(model, optimizers, b, len(b), cfg, gradient)
 
 
 def sync(device):
