@@ -12,8 +12,8 @@ supervised regressions: Monte-Carlo value regression and advantage-weighted regr
 
 How to read this file
 ---------------------
-The algorithm is sections 1-7, right after this docstring (about 660 lines): config, tasks, the
-offline data as MACAW reads them, then the core, sections 4-7 (about 350 lines): networks, losses,
+The algorithm is sections 1-7, right after this docstring (about 690 lines): config, tasks, the
+offline data as MACAW reads them, then the core, sections 4-7 (about 380 lines): networks, losses,
 the inner/outer loops, evaluation. Sections 8 ("how the data are made": SAC and a scripted
 collector, about 300 lines) and 9 ("running it": files, locks, checkpoints, logs, plots, the CLI,
 about 380 lines) are machinery that a first read can skip. Every default mirrors the authors'
