@@ -1036,21 +1036,19 @@ def write_task_data(bench, task_id, env, data, seed, path):
     atomic_write(path, lambda f: np.savez(f, **data))
 
 
-def collect_group(bench_name, task_ids, steps, seed, data_dir, position):
+def collect_group(bench_name, task_ids, steps, seed, paths, checkpoint, position):
     """Worker process: collect a group of SAC tasks in lock-step (checkpointed), write each task's file.
     It stops by itself (after saving its checkpoint) if the process that started it is gone."""
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent ends us
     bench = BENCHMARKS[bench_name]
-    folder = Path(data_dir) / bench_name
     envs = [make_task_env(bench, k) for k in task_ids]
-    checkpoint = folder / f"collector-tasks{task_ids[0]}-{task_ids[-1]}.pt"
     parent = os.getppid()
     try:
         datas = collect_sac(envs, steps, seed, checkpoint, should_stop=lambda: os.getppid() != parent,
                             position=position)
-        for k, env, data in zip(task_ids, envs, datas):
-            write_task_data(bench, k, env, data, seed, folder / f"task{k}.npz")
+        for k, env, data, path in zip(task_ids, envs, datas, paths):
+            write_task_data(bench, k, env, data, seed, path)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -1095,7 +1093,9 @@ def generate_tasks(cfg, bench, task_ids, stop=()):
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=collect_group, daemon=True,
                                args=(cfg.env, group, cfg.collector_steps, cfg.data_seed * 1000 + group[0],
-                                     cfg.data_dir, position)) for position, group in enumerate(groups)]
+                                     [task_data_path(cfg, k) for k in group],
+                                     folder / f"collector-tasks{group[0]}-{group[-1]}.pt", position))
+               for position, group in enumerate(groups)]
     for w in workers:
         w.start()
     try:
