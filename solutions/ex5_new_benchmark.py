@@ -13,7 +13,7 @@ if __name__ == "__main__":
     angles = np.random.default_rng(0).uniform(0, 2 * np.pi, 25)  # 20 training goals, 5 held out
     macaw.BENCHMARKS["point-robot-circle"] = macaw.Benchmark(
         "point-robot-circle", macaw.PointRobot, tuple(angles.tolist()), tuple(range(20)), tuple(range(20, 25)),
-        "scripted", dict(steps=300, eval_every=100, collector_steps=2_000))
+        "scripted", dict(macaw.BENCHMARKS["point-robot"].defaults, steps=300, eval_every=100))
     steps = 5 if args.quick else 300
     with tempfile.TemporaryDirectory() as out:
         for env in ("point-robot", "point-robot-circle"):

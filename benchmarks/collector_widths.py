@@ -1,0 +1,66 @@
+"""Collector study: the SAC agents' width, throughput at 40 tasks against data quality at 2 tasks.
+
+    python benchmarks/collector_widths.py                    # widths 128 (the default) and 64
+    python benchmarks/collector_widths.py --widths 128 96 64 --steps 60000
+
+For each width, in one sitting: (1) env steps per second of the whole collector with 40 cheetah-dir-style
+tasks (two worker processes of 20 stacked agents, 1,200 steps per task, 200 of them random), and (2) the
+cheetah-dir data it makes: both tasks collected for --steps env steps (one worker each, as ensure_data
+does), the collectors' final deterministic returns, and the CPU-minutes it took. Writes
+results/collector_widths.json. The default width is not changed by this script.
+"""
+import argparse
+import datetime
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import macaw  # noqa: E402
+
+
+def worker(task_ids, steps, random_steps, width):
+    torch.set_num_threads(1)
+    bench = macaw.BENCHMARKS["cheetah-dir"]
+    envs = [macaw.make_task_env(bench, k % 2) for k in task_ids]
+    start = time.process_time()
+    datas = macaw.collect_sac(envs, steps, task_ids[0], random_steps=random_steps, width=width)
+    return time.process_time() - start, [float(d["collector_return"]) for d in datas]
+
+
+def run(groups, steps, random_steps, width):
+    with multiprocessing.get_context("spawn").Pool(len(groups)) as pool:
+        start = time.perf_counter()
+        results = pool.starmap(worker, [(g, steps, random_steps, width) for g in groups])
+        return time.perf_counter() - start, results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=int, nargs="+", default=[128, 64])
+    parser.add_argument("--steps", type=int, default=60_000, help="env steps per task for the data-quality run")
+    args = parser.parse_args()
+    records = []
+    for width in args.widths:
+        wall, _ = run([list(range(0, 20)), list(range(20, 40))], 1200, 200, width)
+        rate = 40 * 1200 / wall
+        wall2, results = run([[0], [1]], args.steps, 2000, width)
+        cpu_min = sum(r[0] for r in results) / 60
+        returns = [r[1][0] for r in results]  # task 0 runs forward, task 1 backward
+        print(f"width {width}: 40 tasks {rate:.0f} env steps/s; cheetah-dir {args.steps} steps: collectors "
+              f"forward {returns[0]:.0f}, backward {returns[1]:.0f}, {wall2 / 60:.1f} min wall, {cpu_min:.1f} CPU-min",
+              flush=True)
+        records.append(dict(width=width, env_steps_per_s_40_tasks=round(rate, 1), steps=args.steps,
+                            collector_forward=round(returns[0], 1), collector_backward=round(returns[1], 1),
+                            wall_min=round(wall2 / 60, 2), cpu_min=round(cpu_min, 2)))
+    out = ROOT / "results" / "collector_widths.json"
+    macaw.write_json(out, dict(date=datetime.date.today().isoformat(), commit=macaw.git_commit(),
+                               seeds="task 0 seed 0, task 1 seed 1 (as ensure_data)", records=records))
+    print(f"wrote {out}; mean return per CPU-minute: " + ", ".join(
+        f"width {r['width']}: {np.mean([r['collector_forward'], r['collector_backward']]) / r['cpu_min']:.0f}"
+        for r in records))
