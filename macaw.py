@@ -960,9 +960,7 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
                      buffers={k: v[:, :t] for k, v in buf.items()}, rng=rng.bit_generator.state,
                      torch_rng=torch.get_rng_state(),
                      env_rngs=[env.unwrapped.np_random.bit_generator.state for env in envs])
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        atomic_write(checkpoint, lambda f: f.write(buffer.getbuffer()))
+        atomic_torch_save(checkpoint, state)
 
     bar = tqdm(total=n * steps, initial=n * start, desc=f"SAC x{n}", unit="env step", unit_scale=True,
                position=position, mininterval=2, leave=True)
@@ -1057,6 +1055,10 @@ def collect_group(bench_name, task_ids, steps, seed, width, paths, checkpoint, p
     checkpoint.unlink(missing_ok=True)
 
 
+def task_seed(cfg, task_id):
+    return cfg.data_seed * 1000 + task_id  # a SAC worker's group uses the seed of its first task
+
+
 def missing_tasks(cfg, bench):
     return [k for k in range(len(bench.tasks)) if not task_data_path(cfg, k).exists()]
 
@@ -1088,14 +1090,14 @@ def generate_tasks(cfg, bench, task_ids, stop=()):
     if bench.collector != "sac":
         for k in task_ids:
             env = make_task_env(bench, k)
-            seed = cfg.data_seed * 1000 + k
+            seed = task_seed(cfg, k)
             write_task_data(bench, k, env, collect_scripted(env, cfg.collector_steps, seed), seed,
                             task_data_path(cfg, k))
         return
     groups = [g.tolist() for g in np.array_split(task_ids, min(os.cpu_count() or 1, len(task_ids)))]
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=collect_group, daemon=True,
-                               args=(cfg.env, group, cfg.collector_steps, cfg.data_seed * 1000 + group[0],
+                               args=(cfg.env, group, cfg.collector_steps, task_seed(cfg, group[0]),
                                      cfg.collector_width, [task_data_path(cfg, k) for k in group],
                                      folder / f"collector-tasks{group[0]}-{group[-1]}-width{cfg.collector_width}.pt",
                                      position))
@@ -1153,6 +1155,14 @@ def atomic_write(path, write, keep_previous=False):
         if isinstance(e, OSError):
             raise WriteError(f"cannot write {path} ({e.strerror or e}); its previous version is intact") from None
         raise
+
+
+def atomic_torch_save(path, obj, keep_previous=False):
+    """torch.save through atomic_write; serialised in memory first, so a failing disk shows up as a
+    plain OSError (and so as WriteError) rather than inside torch's zip writer."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()), keep_previous=keep_previous)
 
 
 def previous_version(path):
@@ -1221,9 +1231,7 @@ def save_checkpoint(path, model, optimizers, gen, step, wall_time, running, cfg)
                  wall_time=wall_time, running=running, config=dataclasses.asdict(cfg))
     if not all(torch.isfinite(v).all() for v in state["model"].values()):
         raise NonFiniteError("non-finite parameters; the checkpoint was not overwritten")
-    buffer = io.BytesIO()  # serialise in memory, so a failing disk shows up as a plain OSError
-    torch.save(state, buffer)
-    atomic_write(path, lambda f: f.write(buffer.getbuffer()), keep_previous=True)
+    atomic_torch_save(path, state, keep_previous=True)
 
 
 def load_checkpoint(run_dir, device):

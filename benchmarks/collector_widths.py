@@ -11,33 +11,15 @@ results/collector_widths.json. The default width is not changed by this script.
 """
 import argparse
 import datetime
-import multiprocessing
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import macaw  # noqa: E402
-
-
-def worker(task_ids, steps, random_steps, width):
-    torch.set_num_threads(1)
-    bench = macaw.BENCHMARKS["cheetah-dir"]
-    envs = [macaw.make_task_env(bench, k % 2) for k in task_ids]
-    start = time.process_time()
-    datas = macaw.collect_sac(envs, steps, task_ids[0], random_steps=random_steps, width=width)
-    return time.process_time() - start, [float(d["collector_return"]) for d in datas]
-
-
-def run(groups, steps, random_steps, width):
-    with multiprocessing.get_context("spawn").Pool(len(groups)) as pool:
-        start = time.perf_counter()
-        results = pool.starmap(worker, [(g, steps, random_steps, width) for g in groups])
-        return time.perf_counter() - start, results
+from meta_step import collector_env_steps_per_second, run_collectors  # noqa: E402
 
 
 if __name__ == "__main__":
@@ -47,9 +29,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     records = []
     for width in args.widths:
-        wall, _ = run([list(range(0, 20)), list(range(20, 40))], 1200, 200, width)
-        rate = 40 * 1200 / wall
-        wall2, results = run([[0], [1]], args.steps, 2000, width)
+        rate = collector_env_steps_per_second(40, 1200, 200, width)
+        wall2, results = run_collectors([[0], [1]], args.steps, 2000, width)
         cpu_min = sum(r[0] for r in results) / 60
         returns = [r[1][0] for r in results]  # task 0 runs forward, task 1 backward
         print(f"width {width}: 40 tasks {rate:.0f} env steps/s; cheetah-dir {args.steps} steps: collectors "

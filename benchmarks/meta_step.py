@@ -20,6 +20,7 @@ Paths are interleaved within each repeat, so a noisy neighbour slows all of them
 """
 import argparse
 import datetime
+import multiprocessing
 import platform
 import statistics
 import subprocess
@@ -27,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -145,27 +147,31 @@ def peak_memory_mb(path, tasks, device):
     return float(out.split()[-1])
 
 
-def collector_worker(n_tasks, steps, random_steps):
-    """One collector process: n_tasks cheetah-dir-style tasks (alternating directions) in lock-step."""
+def collector_worker(task_ids, steps, random_steps, width=128):
+    """One collector process: cheetah-dir-style tasks (task k runs direction k % 2) in lock-step, seeded
+    as ensure_data seeds a group (its first task id). Returns (CPU seconds, each collector's return)."""
     torch.set_num_threads(1)
     bench = macaw.BENCHMARKS["cheetah-dir"]
-    envs = [macaw.make_task_env(bench, k % 2) for k in range(n_tasks)]
-    start = time.perf_counter()
-    macaw.collect_sac(envs, steps, 0, random_steps=random_steps)
-    return time.perf_counter() - start
+    envs = [macaw.make_task_env(bench, k % 2) for k in task_ids]
+    start = time.process_time()
+    datas = macaw.collect_sac(envs, steps, task_ids[0], random_steps=random_steps, width=width)
+    return time.process_time() - start, [float(d["collector_return"]) for d in datas]
 
 
-def collector_env_steps_per_second(tasks, steps, random_steps=200):
+def run_collectors(groups, steps, random_steps, width=128):
+    """One worker process per group of task ids, as ensure_data runs them: (wall seconds, results)."""
+    with multiprocessing.get_context("spawn").Pool(len(groups)) as pool:
+        start = time.perf_counter()
+        results = pool.starmap(collector_worker, [(g, steps, random_steps, width) for g in groups])
+        return time.perf_counter() - start, results
+
+
+def collector_env_steps_per_second(tasks, steps, random_steps=200, width=128):
     """Env steps per second of the whole collector (one process per core, as ensure_data runs it),
     including the random-action warm-up and the final evaluation episodes."""
-    import multiprocessing
-    workers = min(multiprocessing.cpu_count(), tasks)
-    groups = [len(g) for g in __import__("numpy").array_split(range(tasks), workers)]
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        start = time.perf_counter()
-        pool.starmap(collector_worker, [(n, steps, random_steps) for n in groups])
-        elapsed = time.perf_counter() - start
-    return tasks * steps / elapsed
+    groups = [g.tolist() for g in np.array_split(range(tasks), min(multiprocessing.cpu_count(), tasks))]
+    wall, _ = run_collectors(groups, steps, random_steps, width)
+    return tasks * steps / wall
 
 
 def record(kind, **fields):
