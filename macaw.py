@@ -25,6 +25,7 @@ Key equations (one notation everywhere; code names in [brackets])
 Data of one task: transitions (s_t, a_t, r_t); the episode holding step t ends at step T.
     R_t = sum_{k=t}^{T-1} gamma^(k-t) r_k                     [mc_return; s_T: terminal_obs,
                                                                  gamma^(T-t): terminal_discount]
+    (terminal_discount is 0 where the episode ended by a fall, not the time limit: nothing follows a fall)
 Meta-parameters: value weights phi, policy weights theta (trunk + advantage head), one unconstrained
 scalar l_j per parameter tensor giving its step size alpha_j = softplus(l_j) [raw_value_lrs,
 raw_policy_lrs], and an unconstrained lambda giving the head's loss weight softplus(lambda) [raw_adv_coef].
@@ -124,7 +125,7 @@ def arg(default, help):
 @dataclass
 class Config:
     # --- what to run
-    env: str = arg("cheetah-dir", "benchmark: cheetah-dir or point-robot")
+    env: str = arg("cheetah-dir", "benchmark: cheetah-dir, cheetah-vel, ant-dir, walker-params or point-robot")
     seed: int = arg(1, "seed of meta-training and evaluation (the offline data has its own --data-seed)")
     steps: int = arg(-1, "meta-training steps; -1 = the benchmark's default (see BENCHMARKS)")
     eval_every: int = arg(-1, "evaluate every this many meta-steps; -1 = the benchmark's default")
@@ -154,6 +155,8 @@ class Config:
     adv_clip: float = arg(20.0, "AWR weights are exp(min(normalised advantage, log adv_clip))")
     target_vf_alpha: float = arg(0.9, "target value params = alpha * phi + (1 - alpha) * adapted phi")
     buffer_skip: int = arg(1, "keep every k-th transition of each task's data (authors: 7)")
+    bootstrap_terminations: bool = arg(False, "add gamma^(T-t) V(s_T) to the value target also after a true "
+                                              "termination (a fall), as the authors' code does (README)")
     compile: bool = arg(False, "compute the meta-gradient with torch.compile (about 1.4x faster after a minute "
                                "or two of compiling; needs a C compiler; same results to ~1e-6)")
     vmap_tasks: bool = arg(True, "vectorise the meta-batch with torch.func.vmap (--no-vmap-tasks: the "
@@ -162,7 +165,8 @@ class Config:
                                         "copy of every T (same result, slower; see fast_sgd_step)")
     # --- evaluation
     eval_batch: int = arg(256, "offline transitions of a test task given for adaptation")
-    final_eval_rollouts: int = arg(10, "adaptation draws x rollouts per test task in the final summary")
+    eval_rollouts: int = arg(3, "adaptations (one rollout each) per test task at each evaluation in training")
+    final_eval_rollouts: int = arg(10, "adaptations (one rollout each) per test task in the final summary")
     # --- offline data
     data_seed: int = arg(0, "seed of the data collectors")
     collector_steps: int = arg(-1, "env steps of each task's collector; -1 = the benchmark's default")
@@ -178,7 +182,7 @@ class Config:
         self.run_name = self.run_name or f"{self.env}-seed{self.seed}"
         positive = ["steps", "eval_every", "threads", "net_width", "net_depth", "latent_dim",
                     "adv_head_width", "inner_batch", "outer_batch", "meta_batch", "buffer_skip",
-                    "eval_batch", "final_eval_rollouts", "collector_steps", "collector_width"]
+                    "eval_batch", "eval_rollouts", "final_eval_rollouts", "collector_steps", "collector_width"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{flag_name(name)} must be >= 1 (got {getattr(self, name)})")
@@ -225,23 +229,80 @@ def parse_config(argv=None):
 # 2. Tasks. A benchmark = an env whose reward depends on a task parameter + train/test task lists.
 #    Adding one: write its env (with set_task), add a Benchmark entry to BENCHMARKS.
 # ================================================================================================
-class CheetahDir(gym.Wrapper):
-    """HalfCheetah-v5, 200-step episodes, reward d * v_x - 0.05 * ||a||^2 for direction d in {-1, +1}.
+class TaskEnv(gym.Wrapper):
+    """A gymnasium v5 MuJoCo env with 200-step episodes whose reward (or dynamics) depends on a task
+    parameter set by set_task. Subclasses say which env, and how the task enters."""
 
-    gymnasium's observation is 17-d (qpos[1:], qvel); the authors' was 20-d (plus the torso COM).
-    """
+    env_id, env_kwargs = "", {}
 
     def __init__(self):
-        super().__init__(gym.make("HalfCheetah-v5", max_episode_steps=200))
-        self.task = 1.0
+        super().__init__(gym.make(self.env_id, max_episode_steps=200, **self.env_kwargs))
+        self.task = None
 
     def set_task(self, task):
         self.task = float(task)
 
     def step(self, action):
-        obs, _, terminated, truncated, info = self.env.step(action)
-        reward = self.task * info["x_velocity"] - 0.05 * float(np.sum(np.square(action)))
-        return obs, reward, terminated, truncated, info
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, self.task_reward(reward, info, action), terminated, truncated, info
+
+    def task_reward(self, reward, info, action):
+        return reward
+
+
+class CheetahDir(TaskEnv):
+    """HalfCheetah-v5, reward d * v_x - 0.05 * ||a||^2 for direction d in {-1, +1}.
+
+    gymnasium's observation is 17-d (qpos[1:], qvel); the authors' was 20-d (plus the torso COM)."""
+
+    env_id = "HalfCheetah-v5"
+
+    def task_reward(self, reward, info, action):
+        return self.task * info["x_velocity"] - 0.05 * float(np.sum(np.square(action)))
+
+
+class CheetahVel(TaskEnv):
+    """HalfCheetah-v5, reward -|v_x - v*| - 0.05 * ||a||^2 for a target speed v*."""
+
+    env_id = "HalfCheetah-v5"
+
+    def task_reward(self, reward, info, action):
+        return -abs(info["x_velocity"] - self.task) - 0.05 * float(np.sum(np.square(action)))
+
+
+class AntDir(TaskEnv):
+    """Ant-v5 with the 27-d observation (no contact forces), reward v_xy . (cos g, sin g) - 0.5 ||a||^2
+    - contact cost + 1 (while healthy) for a direction angle g. A fall (torso height outside
+    [0.2, 1.0]) ends the episode: a true termination, not a time limit."""
+
+    env_id, env_kwargs = "Ant-v5", dict(include_cfrc_ext_in_observation=False)
+
+    def task_reward(self, reward, info, action):
+        forward = info["x_velocity"] * math.cos(self.task) + info["y_velocity"] * math.sin(self.task)
+        return forward + info["reward_ctrl"] + info["reward_contact"] + info["reward_survive"]
+
+
+class WalkerParams(TaskEnv):
+    """Walker2d-v5 (reward v_x + 1 - 1e-3 ||a||^2; a fall ends the episode) whose physics differ per
+    task: every body mass, inertia and geom friction entry is scaled by 1.5^U(-3,3), every joint damping
+    by 1.3^U(-3,3) (the authors' rand_param_envs). Task k's draws come from a fixed seed and k.
+
+    MuJoCo keeps these model values across reset(), so set_task writes them from the originals kept at
+    construction, never on top of the previous task's."""
+
+    env_id = "Walker2d-v5"
+    PHYSICS = {"body_mass": 1.5, "body_inertia": 1.5, "geom_friction": 1.5, "dof_damping": 1.3}
+
+    def __init__(self):
+        super().__init__()
+        self.original = {name: getattr(self.unwrapped.model, name).copy() for name in self.PHYSICS}
+
+    def set_task(self, task):
+        super().set_task(task)
+        rng = np.random.default_rng([WALKER_SEED, int(task)])
+        for name, base in self.PHYSICS.items():
+            scale = base ** rng.uniform(-3, 3, self.original[name].shape)
+            getattr(self.unwrapped.model, name)[:] = self.original[name] * scale
 
 
 class PointRobot(gym.Env):
@@ -288,10 +349,28 @@ def _point_goals(n=25, n_test=5):
     return tuple(angles.tolist()), tuple(range(n - n_test)), tuple(range(n - n_test, n))
 
 
+def _split(tasks, test_ids):
+    """Task parameters + (train ids, test ids); the held-out ids are the authors' (their config files)."""
+    return tuple(float(t) for t in tasks), tuple(k for k in range(len(tasks)) if k not in test_ids), test_ids
+
+
+WALKER_SEED = 2021  # walker-params: task k's physics are drawn from np.random.default_rng([WALKER_SEED, k])
+
 BENCHMARKS = {
     # Official split: 2 tasks, test tasks = train tasks.
     "cheetah-dir": Benchmark("cheetah-dir", CheetahDir, (1.0, -1.0), (0, 1), (0, 1), "sac",
                              dict(steps=10_000, eval_every=500, collector_steps=60_000, collector_width=128)),
+    # 40 target speeds evenly spaced in [0.075, 3] (the authors'), 5 held out.
+    "cheetah-vel": Benchmark("cheetah-vel", CheetahVel, *_split(np.linspace(0.075, 3, 40), (2, 7, 15, 23, 26)),
+                             "sac", dict(steps=15_000, eval_every=1000, collector_steps=40_000, collector_width=64)),
+    # 50 direction angles drawn uniformly from [0, 2 pi) with a fixed seed, 5 held out.
+    "ant-dir": Benchmark("ant-dir", AntDir,
+                         *_split(np.random.default_rng(0).uniform(0, 2 * np.pi, 50), (6, 17, 23, 30, 41)),
+                         "sac", dict(steps=15_000, eval_every=1000, collector_steps=40_000, collector_width=64)),
+    # 50 physics draws (the task parameter is k; see WalkerParams), 5 held out.
+    "walker-params": Benchmark("walker-params", WalkerParams, *_split(np.arange(50), (2, 12, 15, 39, 43)),
+                               "sac", dict(steps=15_000, eval_every=1000, collector_steps=40_000,
+                                           collector_width=64)),
     # 20 training goals, 5 held-out goals.
     "point-robot": Benchmark("point-robot", PointRobot, *_point_goals(), "scripted",
                              dict(steps=400, eval_every=100, collector_steps=2_000, collector_width=128)),
@@ -372,9 +451,14 @@ def load_task_data(path, bench, task_id):
     return data
 
 
-def monte_carlo_targets(rewards, next_obs, episode_ends, discount):
+def monte_carlo_targets(rewards, next_obs, episode_ends, discount, terminations=None):
     """Per step t of an episode ending at T: mc_return_t = sum_{k=t}^{T-1} gamma^(k-t) r_k,
-    terminal_obs_t = s_T (the last next-observation), terminal_discount_t = gamma^(T-t)."""
+    terminal_obs_t = s_T (the last next-observation), terminal_discount_t = gamma^(T-t).
+
+    The value target adds terminal_discount_t * V(s_T) for the return after T. That is right when the
+    episode was cut by the time limit, wrong after a true termination (a fall: nothing follows it).
+    Rows of episodes whose last step has terminations[T-1] set get terminal_discount 0; with
+    terminations=None every episode is bootstrapped (the authors' code, --bootstrap-terminations)."""
     n = len(rewards)
     mc_return = np.zeros(n, np.float64)
     terminal_obs = np.zeros_like(next_obs)
@@ -382,7 +466,8 @@ def monte_carlo_targets(rewards, next_obs, episode_ends, discount):
     running, end = 0.0, None
     for t in reversed(range(n)):  # sweep backwards, restarting at every episode end
         if episode_ends[t]:
-            running, end, disc = 0.0, t, 1.0
+            fell = terminations is not None and terminations[t]
+            running, end, disc = 0.0, t, 0.0 if fell else 1.0
         running = rewards[t] + discount * running
         disc *= discount
         mc_return[t], terminal_obs[t], terminal_discount[t] = running, next_obs[end], disc
@@ -397,8 +482,8 @@ class TaskData:
 
     def __init__(self, data, cfg):
         mc, term_obs, term_disc = monte_carlo_targets(
-            data["rewards"], data["next_observations"],
-            np.logical_or(data["terminations"], data["truncations"]), cfg.discount)
+            data["rewards"], data["next_observations"], np.logical_or(data["terminations"], data["truncations"]),
+            cfg.discount, None if cfg.bootstrap_terminations else data["terminations"])
         keep = slice(None, None, cfg.buffer_skip)  # targets first, then subsample (as the authors do)
         arrays = (data["observations"], data["actions"], mc, term_obs, term_disc)
         self.tensors = {k: torch.as_tensor(a[keep], device=cfg.device) for k, a in zip(BATCH_FIELDS, arrays)}
@@ -787,9 +872,10 @@ def policy_actor(policy, pparams, device):
 
 
 def evaluate(model, bench, task_data, cfg, gen, rollouts=1):
-    """Per test task: mean over `rollouts` of the pre- and post-adaptation episode returns (the
-    benchmark's episode length: 200 steps for cheetah, 20 for point-robot); each rollout adapts on a
-    fresh random batch of eval_batch transitions with (1)-(4): one value step, one policy step."""
+    """Per test task: the pre- and post-adaptation episode returns of `rollouts` adaptations (mean, and
+    each in pre_each / post_each); episodes last 200 steps (20 for point-robot) unless the agent falls.
+    Each adaptation uses a fresh random batch of eval_batch transitions and (1)-(4): one value step,
+    one policy step."""
     vparams, pparams = model.params()
     results = {}
     for k in bench.test_ids:
@@ -801,7 +887,7 @@ def evaluate(model, bench, task_data, cfg, gen, rollouts=1):
             env_seed = 10_000 * cfg.seed + r
             pre.append(rollout(env, policy_actor(model.policy, pparams, cfg.device), env_seed))
             post.append(rollout(env, policy_actor(model.policy, adapted_p, cfg.device), env_seed))
-        results[k] = dict(pre=float(np.mean(pre)), post=float(np.mean(post)))
+        results[k] = dict(pre=float(np.mean(pre)), post=float(np.mean(post)), pre_each=pre, post_each=post)
     return results
 
 
@@ -921,16 +1007,40 @@ def lockstep_returns(envs, act, seed):
 BUFFER_KEYS = ("observations", "actions", "rewards", "next_observations", "terminations", "truncations")
 
 
+def time_limit(env):
+    while not isinstance(env, gym.wrappers.TimeLimit):
+        env = env.env
+    return env
+
+
+def env_state(env):
+    """Everything that decides an env's future mid-episode: MuJoCo's integration state (positions,
+    velocities, warm start...), the steps taken in this episode, and the env's random generator."""
+    import mujoco
+    model, data, spec = env.unwrapped.model, env.unwrapped.data, mujoco.mjtState.mjSTATE_INTEGRATION
+    physics = np.empty(mujoco.mj_stateSize(model, spec))
+    mujoco.mj_getState(model, data, physics, spec)
+    return dict(physics=physics, elapsed=time_limit(env)._elapsed_steps, rng=env.unwrapped.np_random.bit_generator.state)
+
+
+def restore_env_state(env, state):
+    import mujoco
+    env.reset()  # sets up the wrappers; everything it changed is overwritten below
+    mujoco.mj_setState(env.unwrapped.model, env.unwrapped.data, state["physics"], mujoco.mjtState.mjSTATE_INTEGRATION)
+    time_limit(env)._elapsed_steps = state["elapsed"]
+    env.unwrapped.np_random.bit_generator.state = state["rng"]
+
+
 def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, should_stop=lambda: False,
                 random_steps=2000, batch_size=256, width=128, position=0):
     """Train one SAC agent per env from scratch, all in lock-step; each agent's whole replay buffer
     (`steps` transitions) is its task's offline data. Returns one data dict per env.
 
-    Resumable: at episode ends shared by all envs, at most every checkpoint_every_s seconds, the whole
-    state (agents, optimisers, buffers, RNG states of numpy, torch and every env) is written atomically
-    to `checkpoint`; a later call with the same arguments continues from it, and the finished data equal
-    an uninterrupted collection's. should_stop() is checked at those same moments: if it says so, the
-    state is saved and Interrupted is raised."""
+    Resumable: at most every checkpoint_every_s seconds, the whole state (agents, optimisers, buffers,
+    RNG states of numpy and torch, every env's simulator state: env_state) is written atomically to
+    `checkpoint`; a later call with the same arguments continues from it, and the finished data equal an
+    uninterrupted collection's. should_stop() is checked after every step: if it says so, the state is
+    saved and Interrupted is raised."""
     n, obs_dim, act_dim = len(envs), envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
     scale = envs[0].action_space.high  # SAC acts in [-1, 1]; env actions are scale * that
     torch.manual_seed(seed)
@@ -949,22 +1059,22 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
             buf[k][:, :start] = state["buffers"][k]
         rng.bit_generator.state = state["rng"]
         torch.set_rng_state(state["torch_rng"])
-        for env, s in zip(envs, state["env_rngs"]):
-            env.unwrapped.np_random.bit_generator.state = s
-        obs = np.stack([env.reset()[0] for env in envs])  # what the uninterrupted run did right after saving
+        for env, s in zip(envs, state["envs"]):
+            restore_env_state(env, s)
+        obs, episode_return, last_returns = state["obs"], state["episode_return"], state["last_returns"]
     else:
         obs = np.stack([env.reset(seed=seed + i)[0] for i, env in enumerate(envs)])
+        episode_return, last_returns = np.zeros(n), np.full(n, np.nan)
 
     def save(t):
         state = dict(agent=agent.state_dict(), optimizers=[o.state_dict() for o in agent.optimizers()], t=t,
                      buffers={k: v[:, :t] for k, v in buf.items()}, rng=rng.bit_generator.state,
-                     torch_rng=torch.get_rng_state(),
-                     env_rngs=[env.unwrapped.np_random.bit_generator.state for env in envs])
+                     torch_rng=torch.get_rng_state(), envs=[env_state(env) for env in envs], obs=obs,
+                     episode_return=episode_return, last_returns=last_returns)
         atomic_torch_save(checkpoint, state)
 
     bar = tqdm(total=n * steps, initial=n * start, desc=f"SAC x{n}", unit="env step", unit_scale=True,
                position=position, mininterval=2, leave=True)
-    episode_return, last_returns = np.zeros(n), np.full(n, np.nan)
     last_save = time.time()
     for t in range(start, steps):
         if t < random_steps:
@@ -988,7 +1098,9 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
         if done.any():
             last_returns[done], episode_return[done] = episode_return[done], 0.0
             bar.set_postfix(mean_episode_return=f"{np.nanmean(last_returns):.0f}", refresh=False)
-        if done.all() and checkpoint is not None and t + 1 < steps:
+        for i in np.flatnonzero(done):
+            obs[i] = envs[i].reset()[0]
+        if checkpoint is not None and t + 1 < steps:
             stopping = should_stop()
             if stopping or time.time() - last_save >= checkpoint_every_s:
                 save(t + 1)
@@ -996,8 +1108,6 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
             if stopping:
                 bar.close()
                 raise Interrupted(f"data collection stopped at step {t + 1}; saved {checkpoint}")
-        for i in np.flatnonzero(done):
-            obs[i] = envs[i].reset()[0]
     bar.close()
     with torch.no_grad():
         def act(o):  # (n, obs) -> (n, act): each agent's deterministic action
@@ -1274,17 +1384,20 @@ def plot_run(records, task_data, bench, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax_ret, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-    steps = [r["step"] for r in records if "eval" in r]
+    evals = [r for r in records if "eval" in r]
+    steps = [r["step"] for r in evals]
     for n, k in enumerate(bench.test_ids):
         color = f"C{n}"
         label = f"task {k} ({bench.tasks[k]:+.2f})"
-        ax_ret.plot(steps, [r["eval"][str(k)]["post"] for r in records if "eval" in r], color=color,
-                    label=f"{label} adapted")
+        ax_ret.plot(steps, [r["eval"][str(k)]["post"] for r in evals], color=color, label=f"{label} adapted")
+        each = [r["eval"][str(k)].get("post_each", [r["eval"][str(k)]["post"]]) for r in evals]
+        ax_ret.fill_between(steps, [min(e) for e in each], [max(e) for e in each], color=color, alpha=0.12, lw=0)
         ax_ret.plot(steps, [r["eval"][str(k)]["pre"] for r in records if "eval" in r], color=color,
                     ls="--", alpha=0.6, label=f"{label} before adaptation")
         if len(bench.test_ids) <= 2:
             ax_ret.axhline(task_data[k].collector_return, color=color, ls=":", lw=1, label=f"{label} collector")
-    ax_ret.set(xlabel="meta-training step", ylabel="episode return", title=f"{bench.name}: test-task returns")
+    ax_ret.set(xlabel="meta-training step", ylabel="episode return",
+               title=f"{bench.name}: test-task returns (band: min-max over adaptations)")
     ax_ret.legend(fontsize=7)
     train = [r for r in records if "outer_value" in r]
     for key in ("outer_value", "outer_policy", "inner_policy"):
@@ -1315,16 +1428,24 @@ def command_line(cfg, bench):
 
 
 def summarize(cfg, bench, task_data, final_eval, wall_time, data_time, run_versions):
+    """Per test task: returns before and after adaptation (mean and every adaptation's), the data's
+    collector and random returns, the normalised score; overall: the mean normalised score and the
+    share of adaptations that reach half of the collector's (normalised >= 0.5: all-or-nothing
+    adaptation shows up here, not in the mean)."""
     tasks = {}
     for k, res in final_eval.items():
         d = task_data[k]
+        each = [normalized_score(r, d) for r in res["post_each"]]
         tasks[str(k)] = dict(task=bench.tasks[k], collector_return=d.collector_return,
                              random_return=d.random_return, pre_return=res["pre"], post_return=res["post"],
-                             normalized=normalized_score(res["post"], d))
+                             normalized=normalized_score(res["post"], d), pre_returns=res["pre_each"],
+                             post_returns=res["post_each"], share_half=float(np.mean(np.array(each) >= 0.5)))
     return dict(env=cfg.env, seed=cfg.seed, steps=cfg.steps, wall_time_s=round(wall_time, 1),
                 data_time_s=round(data_time, 1), commit=run_versions["commit"],
                 command=command_line(cfg, bench), final_eval_rollouts=cfg.final_eval_rollouts,
                 mean_normalized=float(np.mean([t["normalized"] for t in tasks.values()])),
+                mean_post_return=float(np.mean([t["post_return"] for t in tasks.values()])),
+                share_half=float(np.mean([t["share_half"] for t in tasks.values()])),
                 tasks=tasks, versions=run_versions)
 
 
@@ -1332,12 +1453,16 @@ def print_summary(summary):
     print(f"\n{summary['env']}, seed {summary['seed']}, {summary['steps']} steps, "
           f"{summary['wall_time_s'] / 60:.1f} min; returns averaged over {summary['final_eval_rollouts']} "
           f"adaptations per task")
-    print(f"{'task':>12} {'collector':>10} {'random':>9} {'pre-adapt':>10} {'adapted':>9} {'normalised':>11}")
+    print(f"{'task':>12} {'collector':>10} {'random':>9} {'pre-adapt':>10} {'adapted':>9} "
+          f"{'(min .. max)':>17} {'normalised':>11} {'>= 0.5':>7}")
     for k, t in summary["tasks"].items():
         name = f"{k} ({t['task']:+.2f})"
+        spread = f"({min(t['post_returns']):.0f} .. {max(t['post_returns']):.0f})"
         print(f"{name:>12} {t['collector_return']:10.1f} {t['random_return']:9.1f} "
-              f"{t['pre_return']:10.1f} {t['post_return']:9.1f} {t['normalized']:11.2f}")
-    print(f"mean normalised score: {summary['mean_normalized']:.2f}")
+              f"{t['pre_return']:10.1f} {t['post_return']:9.1f} {spread:>17} {t['normalized']:11.2f} "
+              f"{t['share_half']:7.0%}")
+    print(f"mean adapted return {summary['mean_post_return']:.1f}; mean normalised score "
+          f"{summary['mean_normalized']:.2f}; adaptations reaching half the collector's: {summary['share_half']:.0%}")
 
 
 def load_resume_config(cfg):
@@ -1476,7 +1601,8 @@ def run_locked(cfg, bench, run_dir, stop):
                 record = dict(step=step, time=round(time.time() - t_start, 1),
                               **{k: float(np.mean([r[k] for r in running])) for k in running[0]})
                 record["steps_per_s"] = round(len(running) / (time.time() - interval_start), 2)
-                record["eval"] = {str(k): v for k, v in evaluate(model, bench, task_data, cfg, gen).items()}
+                results = evaluate(model, bench, task_data, cfg, gen, cfg.eval_rollouts)
+                record["eval"] = {str(k): v for k, v in results.items()}
                 running = []
                 records.append(record)
                 bar.write(f"step {step}: " + "  ".join(

@@ -134,6 +134,28 @@ def test_monte_carlo_targets_closed_form():
     np.testing.assert_array_equal(term_obs[:, 0], [2, 2, 2, 4, 4])  # s_T = next obs of the last step
 
 
+def test_no_bootstrap_after_a_true_termination():
+    """A fall ends the first episode, the time limit the second: only the second adds
+    gamma^(T-t) V(s_T); --bootstrap-terminations (the authors' code) bootstraps both."""
+    g = 0.9
+    rewards = np.array([1.0, 2.0, 3.0, 10.0, 20.0], np.float32)
+    next_obs = np.arange(5, dtype=np.float32)[:, None] * np.ones((1, 2), np.float32)
+    ends = np.array([0, 0, 1, 0, 1], bool)
+    fell = np.array([0, 0, 1, 0, 0], bool)
+    mc, _, term_disc = macaw.monte_carlo_targets(rewards, next_obs, ends, g, terminations=fell)
+    np.testing.assert_allclose(mc, [1 + g * 2 + g * g * 3, 2 + g * 3, 3, 10 + g * 20, 20], rtol=1e-6)
+    np.testing.assert_allclose(term_disc, [0, 0, 0, g ** 2, g], rtol=1e-6)
+    data = dict(rewards=rewards, next_observations=next_obs, observations=next_obs,
+                actions=np.zeros((5, 1), np.float32), terminations=fell, truncations=ends & ~fell,
+                collector_return=1.0, random_return=0.0)
+    for flag, expected in (([], [0, 0, 0, g ** 2, g]), (["--bootstrap-terminations"], [g ** 3, g ** 2, g, g ** 2, g])):
+        cfg = macaw.parse_config(["--env", "point-robot", "--discount", "0.9", *flag])
+        disc = macaw.TaskData(data, cfg).tensors["terminal_discount"].numpy()
+        np.testing.assert_allclose(disc, expected, rtol=1e-6)
+        value = lambda v_end: (macaw.torch.as_tensor(mc) + macaw.torch.as_tensor(disc) * v_end)[:3]
+        assert (value(100.0) == value(0.0)).all() != bool(flag)  # after the fall, V(s_T) adds nothing
+
+
 def test_awr_weights_standardised_and_clipped():
     adv = torch.cat([torch.linspace(-2, 2, 200), torch.tensor([100.0])])
     w = macaw.awr_weights(adv, 20.0)
@@ -266,6 +288,117 @@ def test_cheetah_dir_tasks_have_opposite_rewards():
     np.testing.assert_allclose(r_fwd, v - ctrl, atol=1e-6)
     np.testing.assert_allclose(r_bwd, -v - ctrl, atol=1e-6)
     assert np.sign(np.sum(r_fwd + ctrl)) == -np.sign(np.sum(r_bwd + ctrl)) != 0
+
+
+def body_xy(env):
+    """Cheetah: the root's x (qpos[0], as the authors' env); ant: the torso's x, y (as gymnasium's)."""
+    data = env.unwrapped.data
+    return np.array([data.qpos[0], 0.0]) if data.qpos.shape[0] == 9 else data.body("torso").xpos[:2].copy()
+
+
+@pytest.mark.parametrize("env_name", ["cheetah-vel", "ant-dir"])
+def test_task_rewards_match_the_simulators_velocities(env_name):
+    """The reward is recomputed here from the simulator's own positions before and after each step."""
+    bench = macaw.BENCHMARKS[env_name]
+    rng = np.random.default_rng(0)
+    for k in bench.test_ids[:2]:
+        env = macaw.make_task_env(bench, k)
+        env.reset(seed=k)
+        task = bench.tasks[k]
+        for _ in range(20):
+            action = rng.uniform(-1, 1, env.action_space.shape).astype(np.float32)
+            before = body_xy(env)
+            _, reward, terminated, _, info = env.step(action)
+            velocity = (body_xy(env) - before) / env.unwrapped.dt
+            if env_name == "cheetah-vel":
+                expected = -abs(velocity[0] - task) - 0.05 * np.sum(action ** 2)
+            else:  # ctrl 0.5 ||a||^2, contact cost from the simulator, +1 while healthy
+                healthy = float(not terminated)
+                expected = (velocity @ [np.cos(task), np.sin(task)] - 0.5 * np.sum(action ** 2)
+                            + info["reward_contact"] + healthy)
+                assert info["reward_contact"] <= 0
+            assert reward == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("env_name", ["cheetah-vel", "ant-dir", "walker-params"])
+def test_episodes_last_200_steps_and_ant_and_walker_fall(env_name):
+    env = macaw.make_task_env(macaw.BENCHMARKS[env_name], 0)
+    assert env.observation_space.shape == {"cheetah-vel": (17,), "ant-dir": (27,), "walker-params": (17,)}[env_name]
+    assert macaw.time_limit(env)._max_episode_steps == 200
+    if env_name != "walker-params":  # a still policy: the cheetah and the ant stand until the time limit
+        env.reset(seed=0)
+        steps, terminated, truncated = 0, False, False
+        while not (terminated or truncated):
+            _, _, terminated, truncated, _ = env.step(np.zeros(env.action_space.shape, np.float32))
+            steps += 1
+        assert (steps, terminated, truncated) == (200, False, True)
+    if env_name != "cheetah-vel":  # full-force random actions: the walker falls, the ant flips or jumps
+        rng, fell = np.random.default_rng(0), 0
+        for episode in range(10):
+            env.reset(seed=episode)
+            for t in range(200):
+                _, _, terminated, truncated, _ = env.step(rng.choice([-1.0, 1.0], env.action_space.shape))
+                if terminated or truncated:
+                    fell += terminated and t < 199
+                    break
+        assert fell > 0
+
+
+def test_a_task_switch_changes_the_reward_or_the_dynamics():
+    def trajectory(bench, k, env=None):
+        env = env or macaw.make_task_env(bench, k)
+        env.set_task(bench.tasks[k])
+        env.reset(seed=0)
+        rng, out = np.random.default_rng(1), []
+        for _ in range(50):
+            obs, reward, terminated, truncated, _ = env.step(rng.uniform(-0.5, 0.5, env.action_space.shape))
+            out.append(np.append(obs, reward))
+            if terminated or truncated:
+                break
+        return np.array(out)
+    for name in ("cheetah-vel", "ant-dir"):  # same dynamics, another reward
+        bench = macaw.BENCHMARKS[name]
+        a, b = trajectory(bench, 0), trajectory(bench, 1)
+        np.testing.assert_array_equal(a[:, :-1], b[:, :-1])
+        assert not np.allclose(a[:, -1], b[:, -1])
+    bench = macaw.BENCHMARKS["walker-params"]  # same actions, other physics -> another trajectory
+    env = macaw.make_task_env(bench, 0)
+    first = trajectory(bench, 0, env)
+    assert not np.allclose(first[:10, :-1], trajectory(bench, 1, env)[:10, :-1])
+    np.testing.assert_array_equal(first, trajectory(bench, 0, env))  # task 0 again, after task 1 and resets
+    np.testing.assert_array_equal(first, trajectory(bench, 0))  # and the same as in a fresh env
+    fresh = macaw.make_task_env(bench, 0)
+    fresh.set_task(bench.tasks[7])
+    model, original = fresh.unwrapped.model, fresh.original
+    ratio = model.body_mass[1:] / original["body_mass"][1:]  # the world body has no mass
+    assert np.all((ratio >= 1.5 ** -3) & (ratio <= 1.5 ** 3)) and not np.allclose(ratio, 1)
+    ratio = model.dof_damping[3:] / original["dof_damping"][3:]  # the root joints have no damping
+    assert np.all((ratio >= 1.3 ** -3) & (ratio <= 1.3 ** 3)) and not np.allclose(ratio, 1)
+
+
+def test_task_parameters_are_fixed_and_held_out_tasks_never_reach_meta_training():
+    for name in ("cheetah-vel", "ant-dir", "walker-params", "point-robot"):
+        bench = macaw.BENCHMARKS[name]
+        assert not set(bench.train_ids) & set(bench.test_ids)
+        assert sorted(bench.train_ids + bench.test_ids) == list(range(len(bench.tasks)))
+    assert [len(macaw.BENCHMARKS[n].train_ids) for n in ("cheetah-vel", "ant-dir", "walker-params")] == [35, 45, 45]
+    assert macaw.BENCHMARKS["ant-dir"].tasks[:2] == pytest.approx(np.random.default_rng(0).uniform(0, 2 * np.pi, 2))
+
+    class HeldOut:  # a held-out task's data: any use of it fails the test
+        def __getattr__(self, name):
+            raise AssertionError("a held-out task's data was used in meta-training")
+    bench = macaw.BENCHMARKS["cheetah-vel"]
+    cfg = small_config(env="cheetah-vel", meta_batch=5)
+    data = {k: HeldOut() for k in bench.test_ids}
+    train = macaw.TaskData(dict(
+        observations=np.zeros((300, 5), np.float32), actions=np.zeros((300, 2), np.float32),
+        rewards=np.zeros(300, np.float32), next_observations=np.zeros((300, 5), np.float32),
+        terminations=np.zeros(300, bool), truncations=np.arange(300) % 100 == 99,
+        collector_return=1.0, random_return=0.0), cfg)
+    data.update({k: train for k in bench.train_ids})
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        assert len(macaw.sample_meta_batch(data, bench.train_ids, cfg, gen)) == 5
 
 
 def test_evaluate_switches_env_to_the_evaluated_task(monkeypatch):
@@ -418,6 +551,29 @@ def test_tiny_cli_run_writes_its_files_and_resumes(tmp_path):
     straight = read_log_without_timing(tmp_path / "runs" / "straight" / "log.jsonl")
     assert [r["step"] for r in resumed] == [2, 4, 6]
     assert resumed == straight
+
+
+def test_tiny_walker_params_run_through_the_cli_makes_valid_data_and_a_summary(tmp_path):
+    """A new benchmark end to end: data for all 50 tasks (random-action collectors, falls included),
+    a few meta-steps, evaluation on the 5 held-out tasks, and every adaptation's return."""
+    args = [a if a != "point-robot" else "walker-params" for a in TINY]
+    result = run_cli(*args, "--steps", "2", "--eval-every", "2", "--collector-steps", "300", "--eval-rollouts", "2",
+                     "--final-eval-rollouts", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    bench = macaw.BENCHMARKS["walker-params"]
+    falls = 0
+    for k in range(len(bench.tasks)):
+        data = macaw.load_task_data(tmp_path / "data" / "walker-params" / f"task{k}.npz", bench, k)
+        assert len(data["rewards"]) == 300 and int(data["collector_width"]) == 64
+        falls += int(data["terminations"].sum())
+    assert falls > 0
+    summary = json.loads((tmp_path / "runs" / "walker-params-seed1" / "summary.json").read_text())
+    assert sorted(summary["tasks"]) == sorted(str(k) for k in bench.test_ids)
+    for t in summary["tasks"].values():
+        assert len(t["post_returns"]) == 2 and t["post_return"] == pytest.approx(np.mean(t["post_returns"]))
+    assert 0 <= summary["share_half"] <= 1
+    log = [json.loads(line) for line in (tmp_path / "runs" / "walker-params-seed1" / "log.jsonl").open()]
+    assert all(len(e["post_each"]) == 2 for e in log[-1]["eval"].values())
 
 
 def test_same_seed_same_losses_and_checkpoint_roundtrip(tmp_path):
@@ -771,22 +927,28 @@ def test_resume_names_the_flags_it_ignores(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The data collector: stacked SAC agents in lock-step, checkpointed, stoppable.
 # ------------------------------------------------------------------------------------------------
-def test_collector_resumed_from_its_checkpoint_gives_the_uninterrupted_data(tmp_path):
-    bench = macaw.BENCHMARKS["cheetah-dir"]
-    envs = lambda: [macaw.make_task_env(bench, k) for k in bench.test_ids]
+@pytest.mark.parametrize("env", ["cheetah-dir", "walker-params"])
+def test_collector_resumed_from_its_checkpoint_gives_the_uninterrupted_data(tmp_path, env):
+    """Stopped mid-episode (walker: after falls at different steps in each env), the collector
+    continues from its checkpoint to exactly the data of an uninterrupted collection."""
+    bench = macaw.BENCHMARKS[env]
+    envs = lambda: [macaw.make_task_env(bench, k) for k in bench.test_ids[:2]]
     small = dict(random_steps=200, batch_size=32, width=32)
     straight = macaw.collect_sac(envs(), 600, 0, **small)
-    checkpoint, boundaries = tmp_path / "collector.pt", []
-    with pytest.raises(macaw.Interrupted, match="stopped at step 400"):  # episodes end together every 200 steps
+    checkpoint, calls = tmp_path / "collector.pt", []
+    with pytest.raises(macaw.Interrupted, match="stopped at step 333"):
         macaw.collect_sac(envs(), 600, 0, checkpoint, checkpoint_every_s=1e9,
-                          should_stop=lambda: boundaries.append(1) or len(boundaries) == 2, **small)
-    assert torch.load(checkpoint, weights_only=False)["t"] == 400
+                          should_stop=lambda: calls.append(1) or len(calls) == 333, **small)
+    assert torch.load(checkpoint, weights_only=False)["t"] == 333
     resumed = macaw.collect_sac(envs(), 600, 0, checkpoint, **small)
     for a, b in zip(straight, resumed):
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert not np.array_equal(straight[0]["rewards"], straight[1]["rewards"])  # two tasks, two agents
+    if env == "walker-params":  # the envs' episodes ended at different steps
+        ends = [np.flatnonzero(d["terminations"]) for d in straight]
+        assert len(ends[0]) and len(ends[1]) and not np.array_equal(ends[0], ends[1])
 
 
 def spawned_children(pid):
