@@ -420,8 +420,9 @@ DATA_KEYS = {"observations": "obs", "actions": "act", "rewards": None, "next_obs
              "terminations": None, "truncations": None}
 
 
-def load_task_data(path, bench, task_id):
-    """Load one task's .npz and check it; any problem -> UserError naming the file and the fix."""
+def load_task_data(path, bench, task_id, cfg=None):
+    """Load one task's .npz and check it; any problem -> UserError naming the file and the fix.
+    With a cfg, the file must also come from the collector it asks for (--collector-steps, -width)."""
     fix = f"delete {path} or pass --regenerate-data"
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -448,6 +449,13 @@ def load_task_data(path, bench, task_id):
             raise UserError(f"{path}: {key} holds NaN or inf; {fix}")
     if n < 2 or not (data["terminations"][-1] or data["truncations"][-1]):
         raise UserError(f"{path}: the data must end with a finished episode; {fix}")
+    sac = "collector_width" in data
+    width = int(data["collector_width"]) if sac else None
+    if cfg is not None and (n, width) != (cfg.collector_steps, cfg.collector_width if sac else None):
+        made = f"{n} steps" + (f" of a width-{width} SAC" if sac else "")
+        wanted = f"{cfg.collector_steps} steps" + (f" of a width-{cfg.collector_width} SAC" if sac else "")
+        raise UserError(f"{path} holds {made}, this run asks for {wanted} (--collector-steps, --collector-width); "
+                        f"pass the flags that match the file, or --regenerate-data to remake it")
     return data
 
 
@@ -505,7 +513,7 @@ class TaskData:
 def load_benchmark_data(cfg, bench, stop=()):
     """Every task's TaskData; makes the files first if they are missing (ensure_data, section 8)."""
     ensure_data(cfg, bench, stop)
-    tasks = [TaskData(load_task_data(task_data_path(cfg, k), bench, k), cfg) for k in range(len(bench.tasks))]
+    tasks = [TaskData(load_task_data(task_data_path(cfg, k), bench, k, cfg), cfg) for k in range(len(bench.tasks))]
     need = max(cfg.inner_batch, cfg.outer_batch, cfg.eval_batch)
     small = [k for k, t in enumerate(tasks) if t.size < need]
     if small:
@@ -1020,7 +1028,8 @@ def env_state(env):
     model, data, spec = env.unwrapped.model, env.unwrapped.data, mujoco.mjtState.mjSTATE_INTEGRATION
     physics = np.empty(mujoco.mj_stateSize(model, spec))
     mujoco.mj_getState(model, data, physics, spec)
-    return dict(physics=physics, elapsed=time_limit(env)._elapsed_steps, rng=env.unwrapped.np_random.bit_generator.state)
+    return dict(physics=physics, elapsed=time_limit(env)._elapsed_steps,
+                rng=env.unwrapped.np_random.bit_generator.state)
 
 
 def restore_env_state(env, state):

@@ -442,6 +442,10 @@ def test_data_files_have_the_documented_keys_and_are_reused(tmp_path):
     macaw.ensure_data(cfg, bench)
     assert path.stat().st_mtime_ns == mtime  # reused, not regenerated
     assert not list(Path(tmp_path).rglob("*.tmp"))
+    other = dataclasses.replace(cfg, collector_steps=cfg.collector_steps + 100)  # e.g. a changed default
+    with pytest.raises(macaw.UserError, match="--regenerate-data"):
+        macaw.load_benchmark_data(other, bench)
+    assert path.stat().st_mtime_ns == mtime  # the old data are left alone
 
 
 @pytest.mark.parametrize("damage", ["truncated", "wrong_shape", "nan", "other_env"])
