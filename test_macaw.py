@@ -291,12 +291,12 @@ def test_cheetah_dir_tasks_have_opposite_rewards():
 
 
 def body_xy(env):
-    """Cheetah: the root's x (qpos[0], as the authors' env); ant: the torso's x, y (as gymnasium's)."""
+    """Cheetah and walker: the root's x (qpos[0], as the authors' envs); ant: the torso's x, y (as gymnasium's)."""
     data = env.unwrapped.data
-    return np.array([data.qpos[0], 0.0]) if data.qpos.shape[0] == 9 else data.body("torso").xpos[:2].copy()
+    return data.body("torso").xpos[:2].copy() if isinstance(env, macaw.AntDir) else np.array([data.qpos[0], 0.0])
 
 
-@pytest.mark.parametrize("env_name", ["cheetah-vel", "ant-dir"])
+@pytest.mark.parametrize("env_name", ["cheetah-vel", "ant-dir", "walker-params"])
 def test_task_rewards_match_the_simulators_velocities(env_name):
     """The reward is recomputed here from the simulator's own positions before and after each step."""
     bench = macaw.BENCHMARKS[env_name]
@@ -312,12 +312,16 @@ def test_task_rewards_match_the_simulators_velocities(env_name):
             velocity = (body_xy(env) - before) / env.unwrapped.dt
             if env_name == "cheetah-vel":
                 expected = -abs(velocity[0] - task) - 0.05 * np.sum(action ** 2)
+            elif env_name == "walker-params":  # v_x + 1 (while healthy) - 1e-3 ||a||^2, whatever the physics
+                expected = velocity[0] + float(not terminated) - 1e-3 * np.sum(action ** 2)
             else:  # ctrl 0.5 ||a||^2, contact cost from the simulator, +1 while healthy
                 healthy = float(not terminated)
                 expected = (velocity @ [np.cos(task), np.sin(task)] - 0.5 * np.sum(action ** 2)
                             + info["reward_contact"] + healthy)
                 assert info["reward_contact"] <= 0
             assert reward == pytest.approx(expected, abs=1e-5)
+            if terminated:
+                break
 
 
 @pytest.mark.parametrize("env_name", ["cheetah-vel", "ant-dir", "walker-params"])
