@@ -172,6 +172,8 @@ class Config:
     collector_steps: int = arg(-1, "env steps of each task's collector; -1 = the benchmark's default")
     collector_width: int = arg(-1, "hidden width of the SAC collectors' networks; -1 = the benchmark's default "
                                    "(README 'Speed': 64 is 2.2x faster at 40 tasks)")
+    shared_collector: bool = arg(False, "make the data with ONE task-conditioned SAC agent per worker process, its "
+                                        "replay buffer split per task, instead of one agent per task (README 'Speed')")
     regenerate_data: bool = arg(False, "delete and regenerate this env's offline data")
 
     def resolve(self, bench):
@@ -449,13 +451,16 @@ def load_task_data(path, bench, task_id, cfg=None):
             raise UserError(f"{path}: {key} holds NaN or inf; {fix}")
     if n < 2 or not (data["terminations"][-1] or data["truncations"][-1]):
         raise UserError(f"{path}: the data must end with a finished episode; {fix}")
-    sac = "collector_width" in data
-    width = int(data["collector_width"]) if sac else None
-    if cfg is not None and (n, width) != (cfg.collector_steps, cfg.collector_width if sac else None):
-        made = f"{n} steps" + (f" of a width-{width} SAC" if sac else "")
-        wanted = f"{cfg.collector_steps} steps" + (f" of a width-{cfg.collector_width} SAC" if sac else "")
-        raise UserError(f"{path} holds {made}, this run asks for {wanted} (--collector-steps, --collector-width); "
-                        f"pass the flags that match the file, or --regenerate-data to remake it")
+    if cfg is not None:  # the collector that made the file must be the one this run asks for
+        sac = "collector_width" in data
+
+        def collector(steps, width, shared):
+            return f"{steps} steps" + (f" of a width-{int(width)} {'shared ' if shared else ''}SAC" if sac else "")
+        made = collector(n, data.get("collector_width"), data.get("collector_shared", False))
+        wanted = collector(cfg.collector_steps, cfg.collector_width, cfg.shared_collector)
+        if made != wanted:
+            raise UserError(f"{path} holds {made}, this run asks for {wanted} (--collector-steps, --collector-width, "
+                            f"--shared-collector); pass the flags that match the file, or --regenerate-data")
     return data
 
 
@@ -1041,9 +1046,13 @@ def restore_env_state(env, state):
 
 
 def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, should_stop=lambda: False,
-                random_steps=2000, batch_size=256, width=128, position=0):
+                random_steps=2000, batch_size=256, width=128, position=0, shared=False):
     """Train one SAC agent per env from scratch, all in lock-step; each agent's whole replay buffer
     (`steps` transitions) is its task's offline data. Returns one data dict per env.
+
+    shared=True instead trains ONE agent for all the envs, its input the observation and a one-hot task
+    code, its replay buffer kept per task; each lock-step takes one update on a batch of random
+    (task, transition) pairs, so n tasks cost about what one agent costs (README "Speed").
 
     Resumable: at most every checkpoint_every_s seconds, the whole state (agents, optimisers, buffers,
     RNG states of numpy and torch, every env's simulator state: env_state) is written atomically to
@@ -1054,7 +1063,16 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
     scale = envs[0].action_space.high  # SAC acts in [-1, 1]; env actions are scale * that
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    agent = SAC(n, obs_dim, act_dim, width)
+    agent = SAC(1, obs_dim + n, act_dim, width) if shared else SAC(n, obs_dim, act_dim, width)
+    code = torch.eye(n)  # the shared agent's one-hot task codes
+
+    def agent_input(o, tasks=None):
+        """Observations (n, obs) of the envs, or (1, B, obs) of tasks (1, B) -> the agent's (agents, B, in)."""
+        o = torch.as_tensor(o, dtype=torch.float32)
+        if not shared:
+            return o[:, None] if tasks is None else o
+        return torch.cat([o, code], -1)[None] if tasks is None else torch.cat([o, code[tasks]], -1)
+
     dims = dict(observations=obs_dim, actions=act_dim, next_observations=obs_dim)
     buf = {k: np.zeros((n, steps, dims[k]) if k in dims else (n, steps), np.float32) for k in BUFFER_KEYS}
     start = 0
@@ -1090,7 +1108,7 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
             a = rng.uniform(-1, 1, (n, act_dim)).astype(np.float32)
         else:
             with torch.no_grad():
-                a = agent.sample(torch.as_tensor(obs, dtype=torch.float32)[:, None])[0][:, 0].numpy()
+                a = agent.sample(agent_input(obs))[0].reshape(n, act_dim).numpy()
         done = np.zeros(n, bool)
         for i, env in enumerate(envs):
             next_obs, reward, terminated, truncated, _ = env.step(a[i] * scale)
@@ -1099,10 +1117,13 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
             episode_return[i] += reward
             obs[i], done[i] = next_obs, terminated or truncated
         if t >= random_steps:
-            idx = rng.integers(0, t + 1, (n, batch_size))  # each agent samples its own buffer
-            b = {k: torch.as_tensor(v[np.arange(n)[:, None], idx]) for k, v in buf.items()}
-            agent.update(b["observations"], b["actions"] / torch.as_tensor(scale), b["rewards"],
-                         b["next_observations"], b["terminations"])
+            if shared:  # random (task, transition) pairs
+                tasks, rows = rng.integers(0, n, (1, batch_size)), rng.integers(0, t + 1, (1, batch_size))
+            else:  # each agent samples its own buffer
+                tasks, rows = np.arange(n)[:, None], rng.integers(0, t + 1, (n, batch_size))
+            b = {k: torch.as_tensor(v[tasks, rows]) for k, v in buf.items()}
+            agent.update(agent_input(b["observations"], tasks), b["actions"] / torch.as_tensor(scale), b["rewards"],
+                         agent_input(b["next_observations"], tasks), b["terminations"])
         bar.update(n)
         if done.any():
             last_returns[done], episode_return[done] = episode_return[done], 0.0
@@ -1119,9 +1140,8 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
                 raise Interrupted(f"data collection stopped at step {t + 1}; saved {checkpoint}")
     bar.close()
     with torch.no_grad():
-        def act(o):  # (n, obs) -> (n, act): each agent's deterministic action
-            o = torch.as_tensor(o, dtype=torch.float32)[:, None]
-            return agent.sample(o, deterministic=True)[0][:, 0].numpy() * scale
+        def act(o):  # (n, obs) -> (n, act): the deterministic action in each env
+            return agent.sample(agent_input(o), deterministic=True)[0].reshape(n, act_dim).numpy() * scale
         collector_returns = np.mean([lockstep_returns(envs, act, seed + 10_000 + 100 * e) for e in range(5)], axis=0)
     return [dict({k: v[i] for k, v in buf.items()}, collector_return=collector_returns[i]) for i in range(n)]
 
@@ -1155,7 +1175,7 @@ def write_task_data(bench, task_id, env, data, seed, path):
     atomic_write(path, lambda f: np.savez(f, **data))
 
 
-def collect_group(bench_name, task_ids, steps, seed, width, paths, checkpoint, position):
+def collect_group(bench_name, task_ids, steps, seed, width, shared, paths, checkpoint, position):
     """Worker process: collect a group of SAC tasks in lock-step (checkpointed), write each task's file.
     It stops by itself (after saving its checkpoint) if the process that started it is gone."""
     torch.set_num_threads(1)
@@ -1165,9 +1185,9 @@ def collect_group(bench_name, task_ids, steps, seed, width, paths, checkpoint, p
     parent = os.getppid()
     try:
         datas = collect_sac(envs, steps, seed, checkpoint, should_stop=lambda: os.getppid() != parent,
-                            width=width, position=position)
+                            width=width, position=position, shared=shared)
         for k, env, data, path in zip(task_ids, envs, datas, paths):
-            write_task_data(bench, k, env, dict(data, collector_width=width), seed, path)
+            write_task_data(bench, k, env, dict(data, collector_width=width, collector_shared=shared), seed, path)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -1203,7 +1223,7 @@ def ensure_data(cfg, bench, stop=()):
 
 def generate_tasks(cfg, bench, task_ids, stop=()):
     folder = Path(cfg.data_dir) / cfg.env
-    width = f" width {cfg.collector_width}" if bench.collector == "sac" else ""
+    width = f"{' shared' if cfg.shared_collector else ''} width {cfg.collector_width}" if bench.collector == "sac" else ""
     print(f"Generating offline data for {len(task_ids)} {cfg.env} task(s) in {folder}/ "
           f"({bench.collector}{width} collector, {cfg.collector_steps} steps each; done once, reused later)")
     if bench.collector != "sac":
@@ -1217,9 +1237,9 @@ def generate_tasks(cfg, bench, task_ids, stop=()):
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=collect_group, daemon=True,
                                args=(cfg.env, group, cfg.collector_steps, task_seed(cfg, group[0]),
-                                     cfg.collector_width, [task_data_path(cfg, k) for k in group],
-                                     folder / f"collector-tasks{group[0]}-{group[-1]}-width{cfg.collector_width}.pt",
-                                     position))
+                                     cfg.collector_width, cfg.shared_collector, [task_data_path(cfg, k) for k in group],
+                                     folder / f"collector-tasks{group[0]}-{group[-1]}-width{cfg.collector_width}"
+                                              f"{'-shared' if cfg.shared_collector else ''}.pt", position))
                for position, group in enumerate(groups)]
     for w in workers:
         w.start()

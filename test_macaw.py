@@ -935,13 +935,14 @@ def test_resume_names_the_flags_it_ignores(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The data collector: stacked SAC agents in lock-step, checkpointed, stoppable.
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("env", ["cheetah-dir", "walker-params"])
-def test_collector_resumed_from_its_checkpoint_gives_the_uninterrupted_data(tmp_path, env):
-    """Stopped mid-episode (walker: after falls at different steps in each env), the collector
-    continues from its checkpoint to exactly the data of an uninterrupted collection."""
+@pytest.mark.parametrize("env,shared", [("cheetah-dir", False), ("walker-params", False), ("walker-params", True)])
+def test_collector_resumed_from_its_checkpoint_gives_the_uninterrupted_data(tmp_path, env, shared):
+    """Stopped mid-episode (walker: after falls at different steps in each env), the collector (one agent
+    per task, or one shared task-conditioned agent) continues from its checkpoint to exactly the data of
+    an uninterrupted collection."""
     bench = macaw.BENCHMARKS[env]
     envs = lambda: [macaw.make_task_env(bench, k) for k in bench.test_ids[:2]]
-    small = dict(random_steps=200, batch_size=32, width=32)
+    small = dict(random_steps=200, batch_size=32, width=32, shared=shared)
     straight = macaw.collect_sac(envs(), 600, 0, **small)
     checkpoint, calls = tmp_path / "collector.pt", []
     with pytest.raises(macaw.Interrupted, match="stopped at step 333"):
