@@ -361,7 +361,7 @@ WALKER_SEED = 2021  # walker-params: task k's physics are drawn from np.random.d
 BENCHMARKS = {
     # Official split: 2 tasks, test tasks = train tasks.
     "cheetah-dir": Benchmark("cheetah-dir", CheetahDir, (1.0, -1.0), (0, 1), (0, 1), "sac",
-                             dict(steps=10_000, eval_every=500, collector_steps=300_000, collector_width=128)),
+                             dict(steps=15_000, eval_every=500, collector_steps=300_000, collector_width=128)),
     # 40 target speeds evenly spaced in [0.075, 3] (the authors'), 5 held out.
     "cheetah-vel": Benchmark("cheetah-vel", CheetahVel, *_split(np.linspace(0.075, 3, 40), (2, 7, 15, 23, 26)),
                              "sac", dict(steps=15_000, eval_every=1000, collector_steps=40_000, collector_width=64)),
