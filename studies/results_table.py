@@ -22,7 +22,8 @@ def mean_std(xs, fmt="{:.0f}"):
 
 if __name__ == "__main__":
     env = sys.argv[1] if len(sys.argv) > 1 else "cheetah-vel"
-    summaries = [json.loads(p.read_text()) for p in sorted((ROOT / "results" / env).glob("seed*.json"))]
+    paths = sorted(p for p in (ROOT / "results" / env).glob("seed*.json") if p.stem[4:].isdigit())
+    summaries = [json.loads(p.read_text()) for p in paths]
     print(f"| seed | collector | random | pre-adaptation | adapted (min .. max over adaptations) | normalised "
           f"| adaptations ≥ 0.5 | wall time (training + eval) | commit |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -43,10 +44,11 @@ if __name__ == "__main__":
         print(f"| mean ± std | {np.mean(col('collector')):.0f} | {np.mean(col('random')):.0f} | {mean_std(col('pre'))} "
               f"| **{mean_std(col('post'))}** | **{mean_std(col('norm'), '{:.2f}')}** | {np.mean(col('half')):.0%} | | |")
     print()
-    print("| test task | collector | random | adapted, per seed | normalised, per seed |")
-    print("|---|---|---|---|---|")
+    print("| test task | collector | random | pre-adaptation, per seed | adapted, per seed | normalised, per seed "
+          "| adaptations ≥ 0.5, per seed |")
+    print("|---|---|---|---|---|---|---|")
     for k, t in summaries[0]["tasks"].items():
-        posts = [s["tasks"][k]["post_return"] for s in summaries]
-        norms = [s["tasks"][k]["normalized"] for s in summaries]
+        per_seed = lambda key, fmt: " / ".join(fmt.format(s["tasks"][k][key]) for s in summaries)
         print(f"| {k} ({t['task']:g}) | {t['collector_return']:.0f} | {t['random_return']:.0f} | "
-              f"{' / '.join(f'{p:.0f}' for p in posts)} | {' / '.join(f'{n:.2f}' for n in norms)} |")
+              f"{per_seed('pre_return', '{:.0f}')} | {per_seed('post_return', '{:.0f}')} | "
+              f"{per_seed('normalized', '{:.2f}')} | {per_seed('share_half', '{:.0%}')} |")
