@@ -1421,8 +1421,8 @@ def plot_run(records, task_data, bench, path):
         ax_ret.plot(steps, [r["eval"][str(k)]["post"] for r in evals], color=color, label=f"{label} adapted")
         each = [r["eval"][str(k)].get("post_each", [r["eval"][str(k)]["post"]]) for r in evals]
         ax_ret.fill_between(steps, [min(e) for e in each], [max(e) for e in each], color=color, alpha=0.12, lw=0)
-        ax_ret.plot(steps, [r["eval"][str(k)]["pre"] for r in records if "eval" in r], color=color,
-                    ls="--", alpha=0.6, label=f"{label} before adaptation")
+        ax_ret.plot(steps, [r["eval"][str(k)]["pre"] for r in evals], color=color, ls="--", alpha=0.6,
+                    label=f"{label} before adaptation")
         if len(bench.test_ids) <= 2:
             ax_ret.axhline(task_data[k].collector_return, color=color, ls=":", lw=1, label=f"{label} collector")
     ax_ret.set(xlabel="meta-training step", ylabel="episode return",
