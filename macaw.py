@@ -126,6 +126,9 @@ def arg(default, help):
 class Config:
     # --- what to run
     env: str = arg("cheetah-dir", "benchmark: cheetah-dir, cheetah-vel, ant-dir, walker-params or point-robot")
+    method: str = arg("macaw", "macaw; or a baseline of the paper (README 'Comparisons'): meta-bc (the same "
+                               "meta-learning, behaviour cloning in both loops) or mt-awr (one multi-task AWR agent "
+                               "with a one-hot task id, fine-tuned on the test batch with --finetune-steps Adam steps)")
     seed: int = arg(1, "seed of meta-training and evaluation (the offline data has its own --data-seed)")
     steps: int = arg(-1, "meta-training steps; -1 = the benchmark's default (see BENCHMARKS)")
     eval_every: int = arg(-1, "evaluate every this many meta-steps; -1 = the benchmark's default")
@@ -133,7 +136,8 @@ class Config:
     threads: int = arg(1, "torch CPU threads; 1 is steadiest on small nets (README, 'Speed')")
     data_dir: str = arg("data", "offline data lives in <data-dir>/<env>/task<k>.npz")
     out: str = arg("runs", "runs are written to <out>/<run-name>/")
-    run_name: str = arg("", "name of the run folder; default <env>-seed<seed>")
+    run_name: str = arg("", "name of the run folder; default <env>-seed<seed> (<env>-<method>-seed<seed> for "
+                            "a baseline)")
     resume: str = arg("", "path of a run folder to continue from its checkpoint")
     # --- MACAW (authors' standard.json)
     net_width: int = arg(100, "hidden width of the policy and value networks")
@@ -141,7 +145,8 @@ class Config:
     latent_dim: int = arg(100, "size of the latent z of each weight-transform layer")
     adv_head_width: int = arg(32, "hidden width of the advantage head")
     weight_transform: bool = arg(True, "use weight-transform layers (--no-weight-transform: plain Linear)")
-    adv_head: bool = arg(True, "use the advantage head in the inner policy loss (--no-adv-head: MAML+AWR)")
+    adv_head: bool = arg(True, "use the advantage head in the inner policy loss (--no-adv-head: MAML+AWR; "
+                               "meta-bc and mt-awr have none)")
     inner_batch: int = arg(256, "inner (adaptation) batch: contiguous transitions of one task")
     outer_batch: int = arg(256, "outer (meta) batch: random transitions of the same task")
     meta_batch: int = arg(5, "tasks per meta-step (all of them if a benchmark has fewer)")
@@ -163,6 +168,7 @@ class Config:
                                  "readable loop over tasks; same result, slower)")
     plain_inner_step: bool = arg(False, "take the inner step in its plain form, which forms the stepped "
                                         "copy of every T (same result, slower; see fast_sgd_step)")
+    finetune_steps: int = arg(20, "mt-awr only: Adam steps on the test task's batch at test time (at the outer lrs)")
     # --- evaluation
     eval_batch: int = arg(256, "offline transitions of a test task given for adaptation")
     eval_rollouts: int = arg(3, "adaptations (one rollout each) per test task at each evaluation in training")
@@ -181,10 +187,15 @@ class Config:
         for name in ("steps", "eval_every", "collector_steps", "collector_width"):
             if getattr(self, name) == -1:
                 setattr(self, name, bench.defaults[name])
-        self.run_name = self.run_name or f"{self.env}-seed{self.seed}"
+        if self.method not in METHODS:
+            raise UserError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.method != "macaw":
+            self.adv_head = False  # the head is part of MACAW's inner loss only
+        self.run_name = self.run_name or default_run_name(self)
         positive = ["steps", "eval_every", "threads", "net_width", "net_depth", "latent_dim",
                     "adv_head_width", "inner_batch", "outer_batch", "meta_batch", "buffer_skip",
-                    "eval_batch", "eval_rollouts", "final_eval_rollouts", "collector_steps", "collector_width"]
+                    "eval_batch", "eval_rollouts", "final_eval_rollouts", "collector_steps", "collector_width",
+                    "finetune_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{flag_name(name)} must be >= 1 (got {getattr(self, name)})")
@@ -204,6 +215,13 @@ class Config:
             reason = str(e).splitlines()[0]
             raise UserError(f"--device {self.device} is not usable here ({reason}); try --device cpu") from None
         return self
+
+
+METHODS = ("macaw", "meta-bc", "mt-awr")
+
+
+def default_run_name(cfg):
+    return f"{cfg.env}-seed{cfg.seed}" if cfg.method == "macaw" else f"{cfg.env}-{cfg.method}-seed{cfg.seed}"
 
 
 def flag_name(field_name):
@@ -491,14 +509,18 @@ BATCH_FIELDS = ("obs", "actions", "mc_return", "terminal_obs", "terminal_discoun
 
 
 class TaskData:
-    """One task's offline transitions as tensors, with the MACAW batch samplers."""
+    """One task's offline transitions as tensors, with the MACAW batch samplers.
 
-    def __init__(self, data, cfg):
+    code: a vector appended to every observation (mt-awr's one-hot task id, see task_code); none by default."""
+
+    def __init__(self, data, cfg, code=None):
         mc, term_obs, term_disc = monte_carlo_targets(
             data["rewards"], data["next_observations"], np.logical_or(data["terminations"], data["truncations"]),
             cfg.discount, None if cfg.bootstrap_terminations else data["terminations"])
         keep = slice(None, None, cfg.buffer_skip)  # targets first, then subsample (as the authors do)
-        arrays = (data["observations"], data["actions"], mc, term_obs, term_disc)
+        self.code = np.zeros(0, np.float32) if code is None else np.asarray(code, np.float32)
+        with_code = lambda obs: np.concatenate([obs, np.broadcast_to(self.code, (len(obs), len(self.code)))], 1)
+        arrays = (with_code(data["observations"]), data["actions"], mc, with_code(term_obs), term_disc)
         self.tensors = {k: torch.as_tensor(a[keep], device=cfg.device) for k, a in zip(BATCH_FIELDS, arrays)}
         self.size = len(self.tensors["obs"])
         self.collector_return = float(data["collector_return"])
@@ -515,10 +537,19 @@ class TaskData:
         return {k: v[idx] for k, v in self.tensors.items()}
 
 
+def task_code(cfg, bench, k):
+    """What mt-awr appends to task k's observations: a one-hot id over the benchmark's tasks for a
+    training task, zeros for a held-out one (the agent never saw its id). The meta-learners get none."""
+    if cfg.method != "mt-awr":
+        return None
+    return np.eye(len(bench.tasks), dtype=np.float32)[k] * (k in bench.train_ids)
+
+
 def load_benchmark_data(cfg, bench, stop=()):
     """Every task's TaskData; makes the files first if they are missing (ensure_data, section 8)."""
     ensure_data(cfg, bench, stop)
-    tasks = [TaskData(load_task_data(task_data_path(cfg, k), bench, k, cfg), cfg) for k in range(len(bench.tasks))]
+    tasks = [TaskData(load_task_data(task_data_path(cfg, k), bench, k, cfg), cfg, task_code(cfg, bench, k))
+             for k in range(len(bench.tasks))]
     need = max(cfg.inner_batch, cfg.outer_batch, cfg.eval_batch)
     small = [k for k, t in enumerate(tasks) if t.size < need]
     if small:
@@ -682,6 +713,12 @@ def awr_policy_loss(policy, pparams, batch, adv, cfg):
     return (-awr_weights(adv, cfg.adv_clip) * gaussian_log_prob(mu, batch["actions"], cfg.action_sigma)).mean()  # (3)
 
 
+def bc_loss(policy, pparams, batch, cfg):
+    """Behaviour cloning, Meta-BC's loss in both loops: mean[-log pi(a|s)], i.e. AWR with every weight 1."""
+    mu = functional_call(policy, pparams, (batch["obs"],))
+    return -gaussian_log_prob(mu, batch["actions"], cfg.action_sigma).mean()
+
+
 def inner_policy_loss(policy, pparams, raw_adv_coef, batch, adv, cfg):
     """Equation (4): mean[-w * log pi(a|s) + softplus(lambda) * (A_hat(s, a) - A)^2], lambda = raw_adv_coef;
     the head regresses the unnormalised A. Returns (loss, head term)."""
@@ -753,6 +790,12 @@ def adapt(model, vparams, pparams, inner, cfg):
     phi', the adapted policy params theta', the target mix phibar of (5) and the inner losses.
     """
     step = sgd_step if cfg.plain_inner_step else fast_sgd_step
+    if cfg.method == "meta-bc":  # no rewards: no value step, and the policy step clones the batch's actions
+        def bc_step_loss(p):
+            loss = bc_loss(model.policy, p, inner, cfg)
+            return loss, loss.detach()
+        p_grads, inner_pi = inner_gradients(bc_step_loss, pparams, cfg)
+        return vparams, step(pparams, p_grads, model.raw_policy_lrs), vparams, dict(inner_policy=inner_pi)
 
     def value_step_loss(p):  # (1) L_V = mean (V_phi(s) - mc_return)^2: plain Monte-Carlo regression
         loss = value_loss(model.value, p, inner, inner["mc_return"])
@@ -777,6 +820,8 @@ def task_meta_losses(model, vparams, pparams, inner, outer, cfg):
     """One task's outer losses (the meta-objective), evaluated at the adapted params. Returns a dict
     of scalars: outer_value and outer_policy carry gradients, the rest are for logging."""
     adapted_v, adapted_p, target_v, stats = adapt(model, vparams, pparams, inner, cfg)
+    if cfg.method == "meta-bc":  # the adapted policy clones the outer batch; no value function
+        return dict(outer_value=torch.zeros(()), outer_policy=bc_loss(model.policy, adapted_p, outer, cfg), **stats)
     # (5) Outer value loss at phi' against mc_return + gamma^(T-t) V_phibar(s_T).
     target = bootstrapped_return(model.value, target_v, outer).detach()
     outer_v = value_loss(model.value, adapted_v, outer, target)
@@ -796,11 +841,41 @@ def meta_losses(model, batches, cfg):
     """
     vparams, pparams = model.params()
     per_task = lambda inner, outer: task_meta_losses(model, vparams, pparams, inner, outer, cfg)
+    if cfg.method == "mt-awr":  # no inner loop: plain AWR on each task's outer batch
+        per_task = lambda inner, outer: multitask_losses(model, vparams, pparams, outer, cfg)
     if cfg.vmap_tasks:
         stack = lambda i: {k: torch.stack([b[i][k] for b in batches]) for k in BATCH_FIELDS}
         return vmap(per_task)(stack(0), stack(1))
     losses = [per_task(inner, outer) for inner, outer in batches]
     return {k: torch.stack([l[k] for l in losses]) for k in losses[0]}
+
+
+# The multi-task baseline (--method mt-awr; Meta-BC is the two meta-bc branches above). One value function
+# and one policy over all training tasks, each observation carrying its task's one-hot id (task_code), trained
+# with the same losses as MACAW's outer loop but without any inner step; at test time the id is zeroed and
+# the weights are fine-tuned on the test batch with a few Adam steps.
+def multitask_losses(model, vparams, pparams, batch, cfg):
+    """One task's MT-AWR losses: V regresses R_t + gamma^(T-t) V(s_T) (the tail from V itself, no gradient
+    through it), the policy takes plain AWR (3) with advantages (2) from V."""
+    target = bootstrapped_return(model.value, {k: v.detach() for k, v in vparams.items()}, batch).detach()
+    adv = advantages(model.value, vparams, batch)
+    return dict(outer_value=value_loss(model.value, vparams, batch, target),
+                outer_policy=awr_policy_loss(model.policy, pparams, batch, adv, cfg))
+
+
+def finetune(model, batch, cfg):
+    """MT-AWR's test-time adaptation: --finetune-steps Adam steps of multitask_losses on the test batch,
+    on copies of the weights (at the outer learning rates). Returns the fine-tuned policy params."""
+    vparams, pparams = ({k: p.detach().clone().requires_grad_() for k, p in d.items()} for d in model.params())
+    opt = torch.optim.Adam([dict(params=list(vparams.values()), lr=cfg.outer_value_lr),
+                            dict(params=list(pparams.values()), lr=cfg.outer_policy_lr)])
+    with torch.enable_grad():
+        for _ in range(cfg.finetune_steps):
+            losses = multitask_losses(model, vparams, pparams, batch, cfg)
+            opt.zero_grad()
+            (losses["outer_value"] + losses["outer_policy"]).backward()
+            opt.step()
+    return {k: p.detach() for k, p in pparams.items()}
 
 
 def make_optimizers(model, cfg):
@@ -873,22 +948,32 @@ def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor"):
 # ================================================================================================
 # 7. Evaluation: adapt on 256 offline transitions of a test task, act in THAT task's env.
 # ================================================================================================
-def policy_actor(policy, pparams, device):
-    """Deterministic actor: obs (np) -> mu(s) (np); the rollout clips it to the action bounds."""
+def policy_actor(policy, pparams, device, code=None):
+    """Deterministic actor: obs (np) -> mu(s) (np); the rollout clips it to the action bounds.
+    code: appended to each observation, as in the task's data (mt-awr's zeroed task id)."""
     pparams = {k: v.detach() for k, v in pparams.items()}
+    code = np.zeros(0, np.float32) if code is None else code
 
     def act(obs):
         with torch.no_grad():
-            obs = torch.as_tensor(obs, dtype=torch.float32, device=device)[None]
+            obs = torch.as_tensor(np.concatenate([obs, code]), dtype=torch.float32, device=device)[None]
             return functional_call(policy, pparams, (obs,))[0].cpu().numpy()
     return act
+
+
+def adapt_policy(model, batch, cfg):
+    """The adapted policy params from one test batch: MACAW and Meta-BC take their inner step (adapt),
+    MT-AWR fine-tunes."""
+    if cfg.method == "mt-awr":
+        return finetune(model, batch, cfg)
+    return adapt(model, *model.params(), batch, cfg)[1]
 
 
 def evaluate(model, bench, task_data, cfg, gen, rollouts=1):
     """Per test task: the pre- and post-adaptation episode returns of `rollouts` adaptations (mean, and
     each in pre_each / post_each); episodes last 200 steps (20 for point-robot) unless the agent falls.
     Each adaptation uses a fresh random batch of eval_batch transitions and (1)-(4): one value step,
-    one policy step."""
+    one policy step (the baselines adapt their own way, adapt_policy)."""
     vparams, pparams = model.params()
     results = {}
     for k in bench.test_ids:
@@ -896,10 +981,10 @@ def evaluate(model, bench, task_data, cfg, gen, rollouts=1):
         pre, post = [], []
         for r in range(rollouts):
             batch = task_data[k].random_batch(cfg.eval_batch, gen)
-            _, adapted_p, _, _ = adapt(model, vparams, pparams, batch, cfg)
+            adapted_p = adapt_policy(model, batch, cfg)
             env_seed = 10_000 * cfg.seed + r
-            pre.append(rollout(env, policy_actor(model.policy, pparams, cfg.device), env_seed))
-            post.append(rollout(env, policy_actor(model.policy, adapted_p, cfg.device), env_seed))
+            pre.append(rollout(env, policy_actor(model.policy, pparams, cfg.device, task_data[k].code), env_seed))
+            post.append(rollout(env, policy_actor(model.policy, adapted_p, cfg.device, task_data[k].code), env_seed))
         results[k] = dict(pre=float(np.mean(pre)), post=float(np.mean(post)), pre_each=pre, post_each=post)
     return results
 
@@ -1429,7 +1514,7 @@ def plot_run(records, task_data, bench, path):
                title=f"{bench.name}: test-task returns (band: min-max over adaptations)")
     ax_ret.legend(fontsize=7)
     train = [r for r in records if "outer_value" in r]
-    for key in ("outer_value", "outer_policy", "inner_policy"):
+    for key in [k for k in ("outer_value", "outer_policy", "inner_policy") if train and k in train[0]]:
         ax_loss.plot([r["step"] for r in train], [r[key] for r in train], label=key)
     ax_loss.set(xlabel="meta-training step", ylabel="loss", yscale="symlog", title="meta-training losses")
     ax_loss.legend(fontsize=7)
@@ -1447,7 +1532,7 @@ def command_line(cfg, bench):
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
         default = bench.defaults.get(f.name, f.default)
-        if f.name == "resume" or value == default or (f.name == "run_name" and value == f"{cfg.env}-seed{cfg.seed}"):
+        if f.name == "resume" or value == default or (f.name == "run_name" and value == default_run_name(cfg)):
             continue
         if isinstance(value, bool):
             parts.append(flag_name(f.name) if value else "--no-" + flag_name(f.name)[2:])
@@ -1469,7 +1554,7 @@ def summarize(cfg, bench, task_data, final_eval, wall_time, data_time, run_versi
                              random_return=d.random_return, pre_return=res["pre"], post_return=res["post"],
                              normalized=normalized_score(res["post"], d), pre_returns=res["pre_each"],
                              post_returns=res["post_each"], share_half=float(np.mean(np.array(each) >= 0.5)))
-    return dict(env=cfg.env, seed=cfg.seed, steps=cfg.steps, wall_time_s=round(wall_time, 1),
+    return dict(env=cfg.env, method=cfg.method, seed=cfg.seed, steps=cfg.steps, wall_time_s=round(wall_time, 1),
                 data_time_s=round(data_time, 1), commit=run_versions["commit"],
                 command=command_line(cfg, bench), final_eval_rollouts=cfg.final_eval_rollouts,
                 mean_normalized=float(np.mean([t["normalized"] for t in tasks.values()])),
@@ -1479,7 +1564,8 @@ def summarize(cfg, bench, task_data, final_eval, wall_time, data_time, run_versi
 
 
 def print_summary(summary):
-    print(f"\n{summary['env']}, seed {summary['seed']}, {summary['steps']} steps, "
+    method = "" if summary.get("method", "macaw") == "macaw" else f" ({summary['method']})"
+    print(f"\n{summary['env']}{method}, seed {summary['seed']}, {summary['steps']} steps, "
           f"{summary['wall_time_s'] / 60:.1f} min; returns averaged over {summary['final_eval_rollouts']} "
           f"adaptations per task")
     print(f"{'task':>12} {'collector':>10} {'random':>9} {'pre-adapt':>10} {'adapted':>9} "
@@ -1576,8 +1662,8 @@ def run_locked(cfg, bench, run_dir, stop):
     t0 = time.time()
     task_data = load_benchmark_data(cfg, bench, stop)
     data_time = time.time() - t0
-    env = bench.make_env()
-    model = MACAW(env.observation_space.shape[0], env.action_space.shape[0], cfg).to(cfg.device)
+    obs_dim, act_dim = task_data[0].tensors["obs"].shape[1], task_data[0].tensors["actions"].shape[1]
+    model = MACAW(obs_dim, act_dim, cfg).to(cfg.device)  # obs_dim includes mt-awr's task id
     optimizers = make_optimizers(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)  # all batch sampling draws from this
     step, wall_time, running = 0, 0.0, []
@@ -1600,7 +1686,7 @@ def run_locked(cfg, bench, run_dir, stop):
     run_versions = versions()  # read once: the commit the run started from
     write_json(run_dir / "versions.json", run_versions)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"MACAW on {cfg.env}: {len(bench.train_ids)} train / {len(bench.test_ids)} test tasks, "
+    print(f"{cfg.method} on {cfg.env}: {len(bench.train_ids)} train / {len(bench.test_ids)} test tasks, "
           f"{n_params:,} meta-parameters, {cfg.steps} steps -> {run_dir}/")
 
     def checkpoint():  # checkpoint first: a log never runs ahead of the checkpoint it belongs to

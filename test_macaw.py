@@ -4,6 +4,7 @@ Run with `pytest` (the README's command also executes tutorial.ipynb).
 """
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -219,6 +220,59 @@ def test_meta_gradients_reach_every_meta_parameter(flags):
         assert model.raw_adv_coef.grad.item() != 0  # lambda, reached only through theta'
 
 
+@pytest.mark.parametrize("method", ["meta-bc", "mt-awr"])
+def test_each_baseline_takes_a_meta_step_and_its_gradients_reach_its_parameters(method):
+    torch.manual_seed(0)
+    cfg = small_config(method=method).resolve(macaw.BENCHMARKS["point-robot"])
+    assert not cfg.adv_head  # the head belongs to MACAW's inner loss
+    model = macaw.MACAW(5, 2, cfg)
+    batches = [(random_batch(32, seed=2 * t), random_batch(32, seed=2 * t + 1)) for t in range(2)]
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    stats = macaw.meta_train_step(model, macaw.make_optimizers(model, cfg), batches, 2, cfg)
+    assert all(np.isfinite(v) for v in stats.values())
+    # Meta-BC learns the policy and its step sizes (no rewards, so no value function);
+    # MT-AWR learns the policy and the value function (no inner step, so no step sizes).
+    learned = ["policy.", "raw_policy_lrs"] if method == "meta-bc" else ["policy.", "value."]
+    for name, p in model.named_parameters():
+        if any(name.startswith(prefix) for prefix in learned):
+            assert p.grad is not None and torch.any(p.grad != 0), name
+            assert not torch.equal(p.detach(), before[name]), name
+        else:
+            assert p.grad is None or not torch.any(p.grad != 0), name
+
+
+def test_bc_loss_is_the_gaussian_negative_log_likelihood_of_the_actions():
+    class Constant(torch.nn.Module):  # mu(s) = m for every state
+        def __init__(self):
+            super().__init__()
+            self.m = torch.nn.Parameter(torch.zeros(2))
+
+        def forward(self, obs):
+            return self.m.expand(len(obs), 2)
+
+    batch = dict(obs=torch.zeros(2, 3), actions=torch.tensor([[0.1, 0.1], [0.3, -0.1]]))
+    # With sigma = 0.2 and mu = (0.1, 0.1): squared z-scores 0 + 0 and 1 + 1, so the per-row NLLs are
+    # 2 c and 2 c + 1 with c = log 0.2 + 0.5 log(2 pi) = -0.69053 ...; their mean is 2 c + 0.5.
+    c = math.log(0.2) + 0.5 * math.log(2 * math.pi)
+    loss = macaw.bc_loss(Constant(), {"m": torch.tensor([0.1, 0.1])}, batch, macaw.Config(action_sigma=0.2))
+    assert loss.item() == pytest.approx(2 * c + 0.5, abs=1e-6)
+
+
+def test_mt_awr_fine_tuning_lowers_its_loss_and_the_task_id_is_zeroed_for_test_tasks():
+    torch.manual_seed(0)
+    bench = macaw.BENCHMARKS["point-robot"]
+    cfg = small_config(method="mt-awr")
+    train_code, test_code = macaw.task_code(cfg, bench, bench.train_ids[3]), macaw.task_code(cfg, bench, bench.test_ids[0])
+    assert train_code.sum() == 1 and train_code[bench.train_ids[3]] == 1 and not test_code.any()
+    assert macaw.task_code(small_config(), bench, 0) is None  # the meta-learners get no task id
+    model = macaw.MACAW(5 + len(bench.tasks), 2, cfg)
+    batch = random_batch(32, obs_dim=5 + len(bench.tasks))
+    loss = lambda pparams, vparams: sum(macaw.multitask_losses(model, vparams, pparams, batch, cfg).values()).item()
+    vparams, pparams = model.params()
+    tuned = macaw.finetune(model, batch, cfg)
+    assert loss(tuned, vparams) < loss(pparams, vparams)
+
+
 def meta_gradient(cfg, batches, obs_dim=5, act_dim=2):
     torch.manual_seed(0)
     model = macaw.MACAW(obs_dim, act_dim, cfg)
@@ -422,6 +476,7 @@ def test_evaluate_switches_env_to_the_evaluated_task(monkeypatch):
 class FakeTaskData:
     def __init__(self, obs_dim, act_dim):
         self.batch = random_batch(32, obs_dim, act_dim)
+        self.code = None
 
     def random_batch(self, n, gen):
         return self.batch
@@ -524,7 +579,8 @@ def test_unknown_env_is_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("args, words", [(["--steps", "-3"], "--steps"),
                                           (["--inner-batch", "5000"], "batch"),
-                                          (["--device", "nonsense"], "--device")])
+                                          (["--device", "nonsense"], "--device"),
+                                          (["--method", "maml"], "mt-awr")])
 def test_bad_flag_values_fail_before_work(tmp_path, args, words):
     result = run_cli(*TINY, *args, cwd=tmp_path)
     assert result.returncode != 0
@@ -1010,6 +1066,25 @@ def test_solution_runs(tmp_path, script):
                             cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip()
+
+
+@pytest.mark.parametrize("study", ["main", "ablation"])
+def test_compare_methods_study_runs_end_to_end_at_a_tiny_size(tmp_path, study):
+    sys.path.insert(0, str(HERE / "studies"))
+    import compare_methods
+    tiny = ["net_width=16", "latent_dim=8", "inner_batch=32", "outer_batch=32", "eval_batch=32",
+            "final_eval_rollouts=1", "eval_rollouts=1", "collector_steps=400", f"data_dir={tmp_path / 'data'}"]
+    compare_methods.main([study, "--envs", "point-robot", "--seeds", "1", "--steps", "4", "--eval-every", "2",
+                          "--jobs", "2", "--out", str(tmp_path / "runs"), "--results", str(tmp_path), "--set", *tiny])
+    out = json.loads((tmp_path / f"{study}.json").read_text())
+    assert {r["variant"] for r in out["runs"]} == set(compare_methods.STUDIES[study])
+    assert all(len(r["curve"]) == 2 and r["summary"]["steps"] == 4 for r in out["runs"])
+    assert (tmp_path / f"{study}.png").stat().st_size > 0
+    if study == "ablation":  # the wide plain networks have (at least, and about) MACAW's parameter count
+        count = lambda **kw: sum(p.numel() for p in macaw.MACAW(17, 6, macaw.Config(**{"net_width": 16, "latent_dim": 8,
+                                                                                       **kw})).parameters())
+        width = next(r["net_width"] for r in out["runs"] if r["variant"] == "no-weight-transform-wide")
+        assert count(weight_transform=False, net_width=width - 1) < count() <= count(weight_transform=False, net_width=width)
 
 
 def test_compiled_meta_gradient_path_matches_backward():

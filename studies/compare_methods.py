@@ -1,0 +1,164 @@
+"""The paper's comparisons, re-run: MACAW against its baselines (study 1) and its ablations (study 2).
+
+    python studies/compare_methods.py main          # macaw, meta-bc, mt-awr on cheetah-dir and cheetah-vel
+    python studies/compare_methods.py ablation      # macaw, no advantage head, no weight transform (two widths)
+
+Each (benchmark, variant, seed) is one ordinary run of macaw.train() with fewer meta-steps than the main
+results (--steps, default 3000, to fit the study in about an hour on 2 cores; say so next to any number
+from it). Runs go to runs/studies/<study>/<env>-<variant>-seed<k>/ and are reused: a finished run is read
+back, an interrupted one resumed. --jobs runs that many at once (1 torch thread each).
+
+Writes results/studies/<study>.json (every run's evaluation curve and final summary, the wall time) and
+results/studies/<study>.png (held-out post-adaptation return vs meta-step, mean over seeds with the
+min-max band), and prints a table of the final returns.
+"""
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import macaw  # noqa: E402
+
+
+def wide_width(cfg):
+    """The hidden width at which the plain-Linear networks have as many parameters as MACAW's (the
+    authors used 725 at their sizes)."""
+    def count(c):
+        return sum(p.numel() for p in macaw.MACAW(17, 6, c).parameters())
+    target = count(cfg)
+    plain = dataclasses.replace(cfg, weight_transform=False)
+    width = 1
+    while count(dataclasses.replace(plain, net_width=2 * width)) < target:
+        width *= 2
+    lo, hi = width, 2 * width  # count(lo) < target <= count(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(dataclasses.replace(plain, net_width=mid)) < target else (lo, mid)
+    return hi
+
+
+VARIANTS = {  # name -> the Config changes that make it
+    "macaw": dict(),
+    "meta-bc": dict(method="meta-bc"),
+    "mt-awr": dict(method="mt-awr"),
+    "no-adv-head": dict(adv_head=False),
+    "no-weight-transform": dict(weight_transform=False),
+    "no-weight-transform-wide": dict(weight_transform=False, net_width="wide"),
+}
+STUDIES = {"main": ("macaw", "meta-bc", "mt-awr"),
+           "ablation": ("macaw", "no-adv-head", "no-weight-transform", "no-weight-transform-wide")}
+
+
+def variant_config(base, variant):
+    changes = dict(VARIANTS[variant])
+    if changes.get("net_width") == "wide":
+        changes["net_width"] = wide_width(base)
+    return dataclasses.replace(base, **changes)
+
+
+def run_one(cfg):
+    """Train (or resume, or read back) one run; returns its summary and evaluation records."""
+    run_dir = Path(cfg.out) / cfg.run_name
+    if (run_dir / "summary.json").exists():
+        summary = json.loads((run_dir / "summary.json").read_text())
+    else:
+        if (run_dir / "checkpoint.pt").exists():
+            cfg = dataclasses.replace(macaw.Config(), resume=str(run_dir), steps=cfg.steps)
+        summary = macaw.train(cfg)
+    records = [r for r in macaw.read_log(run_dir / "log.jsonl", summary["steps"]) if "eval" in r]
+    return summary, records
+
+
+def mean_post(record):
+    return float(np.mean([t["post"] for t in record["eval"].values()]))
+
+
+def plot(results, envs, variants, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
+    for ax, env in zip(axes[0], envs):
+        for n, variant in enumerate(variants):
+            runs = [r for r in results if r["env"] == env and r["variant"] == variant]
+            if not runs:
+                continue
+            steps = [rec["step"] for rec in runs[0]["curve"]]
+            curves = np.array([[mean_post(rec) for rec in r["curve"]] for r in runs])
+            ax.plot(steps, curves.mean(0), color=f"C{n}", label=f"{variant} ({len(runs)} seeds)")
+            ax.fill_between(steps, curves.min(0), curves.max(0), color=f"C{n}", alpha=0.15, lw=0)
+        ax.set(title=f"{env}: held-out tasks, after adaptation", xlabel="meta-training step",
+               ylabel="mean episode return")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    macaw.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study", choices=sorted(STUDIES))
+    parser.add_argument("--envs", nargs="+", default=["cheetah-dir", "cheetah-vel"])
+    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="default: the study's")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--steps", type=int, default=3000, help="meta-steps of every run")
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (1 torch thread each)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "studies"))
+    parser.add_argument("--results", default=str(ROOT / "results" / "studies"))
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="other Config fields for every run, e.g. data_dir=data (tests use tiny sizes)")
+    args = parser.parse_args(argv)
+    variants = args.variants or STUDIES[args.study]
+    fields = {f.name: f for f in dataclasses.fields(macaw.Config)}
+    extra = {}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        extra[key] = fields[key].type(value) if fields[key].type is not bool else value == "True"
+    configs, names = [], []
+    for env in args.envs:
+        for variant in variants:
+            for seed in args.seeds:
+                base = macaw.Config(env=env, seed=seed, steps=args.steps, eval_every=args.eval_every,
+                                    out=str(Path(args.out) / args.study), run_name=f"{env}-{variant}-seed{seed}",
+                                    **extra)
+                configs.append(variant_config(base, variant))
+                names.append((env, variant, seed))
+    for env in args.envs:  # make any missing data first, once, before the runs start side by side
+        macaw.ensure_data(macaw.Config(env=env, **extra).resolve(macaw.get_benchmark(env)), macaw.get_benchmark(env))
+    t0 = time.time()
+    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outputs = list(pool.map(run_one, configs))
+    results = []
+    for (env, variant, seed), cfg, (summary, curve) in zip(names, configs, outputs):
+        results.append(dict(env=env, variant=variant, seed=seed, net_width=cfg.net_width,
+                            summary=summary, curve=curve))
+    results_dir = Path(args.results)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    macaw.write_json(results_dir / f"{args.study}.json",
+                     dict(study=args.study, steps=args.steps, seeds=args.seeds, jobs=args.jobs,
+                          wall_time_min=round((time.time() - t0) / 60, 1), commit=macaw.git_commit(), runs=results))
+    plot(results, args.envs, variants, results_dir / f"{args.study}.png")
+    print(f"\n{args.study}: {args.steps} meta-steps, seeds {args.seeds}, {(time.time() - t0) / 60:.1f} min")
+    print(f"{'env':>12} {'variant':>25} {'width':>6} {'pre-adapt':>10} {'adapted':>16} {'normalised':>16}")
+    for env in args.envs:
+        for variant in variants:
+            runs = [r for r in results if r["env"] == env and r["variant"] == variant]
+            pre = [np.mean([t["pre_return"] for t in r["summary"]["tasks"].values()]) for r in runs]
+            post = [r["summary"]["mean_post_return"] for r in runs]
+            norm = [r["summary"]["mean_normalized"] for r in runs]
+            print(f"{env:>12} {variant:>25} {runs[0]['net_width']:>6} {np.mean(pre):10.1f} "
+                  f"{np.mean(post):8.1f} ± {np.std(post):5.1f} {np.mean(norm):8.2f} ± {np.std(norm):5.2f}")
+    print(f"wrote {results_dir / args.study}.json and .png")
+
+
+if __name__ == "__main__":
+    main()
