@@ -1087,6 +1087,21 @@ def test_compare_methods_study_runs_end_to_end_at_a_tiny_size(tmp_path, study):
         assert count(weight_transform=False, net_width=width - 1) < count() <= count(weight_transform=False, net_width=width)
 
 
+def test_adaptation_probe_runs_on_every_method_at_a_tiny_size(tmp_path):
+    sys.path.insert(0, str(HERE / "studies"))
+    import adaptation_probe
+    runs = []
+    for method in macaw.METHODS:
+        result = run_cli(*TINY, "--method", method, "--steps", "2", "--eval-every", "2", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        runs.append(str(tmp_path / "runs" / macaw.default_run_name(macaw.Config(env="point-robot", method=method))))
+    adaptation_probe.main([*runs, "--adaptations", "1", "--steps", "1", "3", "--batch-sizes", "32", "64",
+                           "--data-dir", str(tmp_path / "data"), "--results", str(tmp_path), "--name", "probe"])
+    out = json.loads((tmp_path / "probe_point-robot.json").read_text())["runs"]
+    assert len(out) == 3 and all(len(recs) == 5 * 4 * 2 * 2 for recs in out.values())  # tasks x sources x sizes x steps
+    assert all(len(r["returns"]) == 1 for recs in out.values() for r in recs.values())
+
+
 def test_compiled_meta_gradient_path_matches_backward():
     """--compile differentiates J as one pure function (torch.func.grad); checked here with the
     'eager' backend (the same traced function without code generation, to keep the test fast)."""

@@ -1,17 +1,24 @@
-"""Probe trained MACAW runs at test time: which adaptation data, and how many inner steps.
+"""Probe trained runs at test time: how much adaptation data, from where, and how many steps.
 
-    python studies/adaptation_probe.py runs/cheetah-dir-seed1 runs/cheetah-dir-seed2
+    python studies/adaptation_probe.py runs/cheetah-dir-seed1 runs/cheetah-dir-seed2      # data x 1, 2, 5 steps
+    python studies/adaptation_probe.py RUNS --steps 1 5 20 --batch-sizes 64 256 1024 4096 \
+        --sources "random rows" --name consistency                 # the paper's consistency study
+    python studies/adaptation_probe.py RUNS --steps 1 --name data_quality     # adaptation-data quality
 
-No training: each run's final meta-parameters are loaded and, for every test task, adapted on 256
-transitions taken from different parts of that task's offline data, then rolled out in the task:
-  - random rows (what evaluation does), or 256 contiguous rows from the first, middle or last 10% of
+No training: each run's final meta-parameters are loaded and, for every test task, adapted on N
+transitions (--batch-sizes, default 256) taken from different parts of that task's offline data, then
+rolled out in the task:
+  - random rows (what evaluation does), or N contiguous rows from the first, middle or last 10% of
     the replay buffer (early exploration = poor data, the end = the collector's final behaviour);
-  - with 1, 2 or 5 inner steps (each step is MACAW's value step then policy step, with the learned
-    step sizes, applied to the previous step's adapted networks).
-Writes results/studies/adaptation_probe_<env>.json (every rollout's return) and prints a table.
+  - with 1, 2 or 5 inner steps (each step is the run's own inner step, MACAW's value step then policy
+    step or Meta-BC's cloning step, with the learned step sizes, applied to the previous step's adapted
+    networks); for an MT-AWR run a "step" is one fine-tuning Adam step.
+Writes results/studies/<name>_<env>.json (every rollout's return; --name, default adaptation_probe) and
+prints a table, then the mean normalised score over test tasks per setting.
 A return that is not finite (the policy's actions blew up) counts as "diverged".
 """
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,12 +37,15 @@ def adaptation_batch(data, source, n, gen):
     if source == "random rows":
         return data.random_batch(n, gen)
     lo = {"first 10%": 0.0, "middle 10%": 0.45, "last 10%": 0.9}[source]
-    first, last = int(lo * data.size), int((lo + 0.1) * data.size) - n
+    first, last = int(lo * data.size), min(int((lo + 0.1) * data.size), data.size) - n
     start = int(torch.randint(first, max(last, first) + 1, (), generator=gen))
+    start = min(start, data.size - n)  # a batch larger than the 10% reaches past it
     return {k: v[start:start + n] for k, v in data.tensors.items()}
 
 
 def adapted_policy(model, batch, steps, cfg):
+    if cfg.method == "mt-awr":
+        return macaw.finetune(model, batch, dataclasses.replace(cfg, finetune_steps=steps))
     vparams, pparams = model.params()
     for _ in range(steps):
         vparams, pparams, _, _ = macaw.adapt(model, vparams, pparams, batch, cfg)
@@ -44,54 +54,77 @@ def adapted_policy(model, batch, steps, cfg):
     return pparams
 
 
-def probe(run_dir, adaptations, step_counts, data_dir=None):
+def probe(run_dir, adaptations, step_counts, batch_sizes=(256,), sources=SOURCES, data_dir=None):
     cfg = macaw.Config(**json.loads((run_dir / "config.json").read_text()))
     cfg.data_dir = data_dir or cfg.data_dir
     bench = macaw.get_benchmark(cfg.env)
     data = macaw.load_benchmark_data(cfg, bench)
-    env0 = bench.make_env()
-    model = macaw.MACAW(env0.observation_space.shape[0], env0.action_space.shape[0], cfg)
+    model = macaw.MACAW(data[0].tensors["obs"].shape[1], data[0].tensors["actions"].shape[1], cfg)
     model.load_state_dict(macaw.load_checkpoint(run_dir, "cpu")["model"])
     gen = torch.Generator().manual_seed(0)
     out = {}
     for k in bench.test_ids:
         env = macaw.make_task_env(bench, k)
-        for source in SOURCES:
-            for steps in step_counts:
-                returns = []
-                for r in range(adaptations):
-                    batch = adaptation_batch(data[k], source, cfg.eval_batch, gen)
-                    with np.errstate(all="ignore"):
-                        ret = macaw.rollout(env, macaw.policy_actor(model.policy, adapted_policy(model, batch, steps, cfg),
-                                                                    "cpu"), 50_000 + r)
-                    returns.append(float(ret) if np.isfinite(ret) else None)
-                out[f"{k}|{source}|{steps}"] = dict(task=k, source=source, steps=steps, returns=returns,
-                                                    collector_return=data[k].collector_return,
-                                                    random_return=data[k].random_return)
+        for source in sources:
+            for n in batch_sizes:
+                for steps in step_counts:
+                    returns = []
+                    for r in range(adaptations):
+                        batch = adaptation_batch(data[k], source, n, gen)
+                        actor = macaw.policy_actor(model.policy, adapted_policy(model, batch, steps, cfg), "cpu",
+                                                   data[k].code)
+                        with np.errstate(all="ignore"):
+                            ret = macaw.rollout(env, actor, 50_000 + r)
+                        returns.append(float(ret) if np.isfinite(ret) else None)
+                    out[f"{k}|{source}|{n}|{steps}"] = dict(task=k, source=source, batch=n, steps=steps,
+                                                            returns=returns,
+                                                            collector_return=data[k].collector_return,
+                                                            random_return=data[k].random_return)
     return cfg, out
 
 
-if __name__ == "__main__":
+def normalised(rec):
+    return [(x - rec["random_return"]) / (rec["collector_return"] - rec["random_return"])
+            for x in rec["returns"] if x is not None]
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--adaptations", type=int, default=10)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256])
+    parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
+    parser.add_argument("--name", default="adaptation_probe", help="results/studies/<name>_<env>.json")
     parser.add_argument("--data-dir", help="where the runs' data are, if not where they were trained")
-    args = parser.parse_args()
+    parser.add_argument("--results", type=Path, default=ROOT / "results" / "studies")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = {}
     for run in args.runs:
-        cfg, results[str(run)] = probe(run, args.adaptations, args.steps, args.data_dir)
-        print(f"{run}: {cfg.env}, seed {cfg.seed}")
+        cfg, results[str(run)] = probe(run, args.adaptations, args.steps, args.batch_sizes, args.sources,
+                                       args.data_dir)
+        print(f"{run}: {cfg.env}, {cfg.method}, seed {cfg.seed}")
         for key, rec in results[str(run)].items():
             finite = [x for x in rec["returns"] if x is not None]
             diverged = len(rec["returns"]) - len(finite)
-            norm = [(x - rec["random_return"]) / (rec["collector_return"] - rec["random_return"]) for x in finite]
-            text = (f"mean {np.mean(finite):8.1f} (normalised {np.mean(norm):5.2f}, min {min(finite):8.1f}, "
+            text = (f"mean {np.mean(finite):8.1f} (normalised {np.mean(normalised(rec)):5.2f}, min {min(finite):8.1f}, "
                     f"max {max(finite):8.1f})" if finite else "")
             note = f"  diverged {diverged}/{len(rec['returns'])}" if diverged else ""
-            print(f"  task {rec['task']:>3} {rec['source']:>11}, {rec['steps']} step(s): {text}{note}")
-    out = ROOT / "results" / "studies" / f"adaptation_probe_{cfg.env}.json"
+            print(f"  task {rec['task']:>3} {rec['source']:>11}, {rec['batch']:>5} rows, {rec['steps']:>2} step(s): "
+                  f"{text}{note}")
+    print("\nmean normalised score over test tasks (diverged adaptations left out)")
+    for run, recs in results.items():
+        settings = sorted({(r["source"], r["batch"], r["steps"]) for r in recs.values()})
+        for source, n, steps in settings:
+            cell = [np.mean(normalised(r)) for r in recs.values()
+                    if (r["source"], r["batch"], r["steps"]) == (source, n, steps) and normalised(r)]
+            print(f"  {run}: {source:>11}, {n:>5} rows, {steps:>2} step(s): {np.mean(cell):5.2f}")
+    out = args.results / f"{args.name}_{cfg.env}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     macaw.write_json(out, dict(runs=results, commit=macaw.git_commit(), adaptations=args.adaptations))
     print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
