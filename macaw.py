@@ -12,11 +12,12 @@ supervised regressions: Monte-Carlo value regression and advantage-weighted regr
 
 How to read this file
 ---------------------
-The algorithm is sections 1-7, right after this docstring (about 690 lines): config, tasks, the
-offline data as MACAW reads them, then the core, sections 4-7 (about 380 lines): networks, losses,
-the inner/outer loops, evaluation. Sections 8 ("how the data are made": SAC and a scripted
-collector, about 300 lines) and 9 ("running it": files, locks, checkpoints, logs, plots, the CLI,
-about 380 lines) are machinery that a first read can skip. Every default mirrors the authors'
+The algorithm is sections 1-7, right after this docstring (about 880 lines): config, tasks, the
+offline data as MACAW reads them, then the core, sections 4-7 (about 440 lines): networks, losses,
+the inner/outer loops (with the paper's two baselines, Meta-BC and multi-task AWR, a few lines each),
+evaluation. Sections 8 ("how the data are made": SAC and a scripted collector, about 350 lines) and 9
+("running it": files, locks, checkpoints, logs, plots, the CLI, about 400 lines) are machinery that a
+first read can skip. Every default mirrors the authors'
 `config/alg/standard.json` unless the README's table "Defaults that differ from the paper's code"
 says otherwise.
 
