@@ -864,10 +864,12 @@ def multitask_losses(model, vparams, pparams, batch, cfg):
                 outer_policy=awr_policy_loss(model.policy, pparams, batch, adv, cfg))
 
 
-def finetune(model, batch, cfg):
+def finetune(model, batch, cfg, params=None):
     """MT-AWR's test-time adaptation: --finetune-steps Adam steps of multitask_losses on the test batch,
-    on copies of the weights (at the outer learning rates). Returns the fine-tuned policy params."""
-    vparams, pparams = ({k: p.detach().clone().requires_grad_() for k, p in d.items()} for d in model.params())
+    on copies of the weights (at the outer learning rates), or of params = (value, policy) dicts to
+    continue a fine-tuning. Returns the fine-tuned policy params."""
+    params = model.params() if params is None else params
+    vparams, pparams = ({k: p.detach().clone().requires_grad_() for k, p in d.items()} for d in params)
     opt = torch.optim.Adam([dict(params=list(vparams.values()), lr=cfg.outer_value_lr),
                             dict(params=list(pparams.values()), lr=cfg.outer_policy_lr)])
     with torch.enable_grad():

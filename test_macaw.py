@@ -1087,7 +1087,7 @@ def test_compare_methods_study_runs_end_to_end_at_a_tiny_size(tmp_path, study):
         assert count(weight_transform=False, net_width=width - 1) < count() <= count(weight_transform=False, net_width=width)
 
 
-def test_adaptation_probe_runs_on_every_method_at_a_tiny_size(tmp_path):
+def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path):
     sys.path.insert(0, str(HERE / "studies"))
     import adaptation_probe
     runs = []
@@ -1100,6 +1100,14 @@ def test_adaptation_probe_runs_on_every_method_at_a_tiny_size(tmp_path):
     out = json.loads((tmp_path / "probe_point-robot.json").read_text())["runs"]
     assert len(out) == 3 and all(len(recs) == 5 * 4 * 2 * 2 for recs in out.values())  # tasks x sources x sizes x steps
     assert all(len(r["returns"]) == 1 for recs in out.values() for r in recs.values())
+    import online_finetune
+    online_finetune.main([*runs, "--episodes", "2", "--repeats", "1", "--data-dir", str(tmp_path / "data"),
+                          "--results", str(tmp_path)])
+    out = json.loads((tmp_path / "online_finetune_point-robot.json").read_text())["runs"]
+    for res in out.values():
+        for (steps, returns), in res["curves"].values():
+            assert len(returns) == 3 and steps[0] == 0 and steps[2] > steps[1] > 0  # 2 episodes of up to 20 steps
+    assert (tmp_path / "online_finetune_point-robot.png").stat().st_size > 0
 
 
 def test_compiled_meta_gradient_path_matches_backward():

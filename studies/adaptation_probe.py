@@ -54,13 +54,19 @@ def adapted_policy(model, batch, steps, cfg):
     return pparams
 
 
-def probe(run_dir, adaptations, step_counts, batch_sizes=(256,), sources=SOURCES, data_dir=None):
+def load_run(run_dir, data_dir=None):
+    """A trained run's config, benchmark, data and final meta-parameters."""
     cfg = macaw.Config(**json.loads((run_dir / "config.json").read_text()))
     cfg.data_dir = data_dir or cfg.data_dir
     bench = macaw.get_benchmark(cfg.env)
     data = macaw.load_benchmark_data(cfg, bench)
     model = macaw.MACAW(data[0].tensors["obs"].shape[1], data[0].tensors["actions"].shape[1], cfg)
     model.load_state_dict(macaw.load_checkpoint(run_dir, "cpu")["model"])
+    return cfg, bench, data, model
+
+
+def probe(run_dir, adaptations, step_counts, batch_sizes=(256,), sources=SOURCES, data_dir=None):
+    cfg, bench, data, model = load_run(run_dir, data_dir)
     gen = torch.Generator().manual_seed(0)
     out = {}
     for k in bench.test_ids:

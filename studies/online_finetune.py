@@ -1,0 +1,124 @@
+"""Online fine-tuning after offline adaptation (the paper's last study): keep acting in the test task.
+
+    python studies/online_finetune.py runs/cheetah-vel-seed1 runs/cheetah-vel-mt-awr-seed1
+
+For each trained run and each test task: adapt on 256 offline transitions as evaluation does, then
+repeat --episodes times: act one episode in the task with exploration noise (mu(s) + N(0, sigma^2),
+sigma the run's --action-sigma), add it to the adaptation data, and adapt again from where the last
+adaptation ended on a random batch of 256 of all the adaptation data so far (MACAW and Meta-BC: their
+inner step with the learned step sizes, --inner-steps times; MT-AWR: --finetune-steps Adam steps).
+After each round, one deterministic episode measures the return. Returns vs environment steps, mean
+over test tasks, --repeats times each, go to results/studies/online_finetune_<env>.json (and .png).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "studies"))
+import macaw  # noqa: E402
+from adaptation_probe import load_run  # noqa: E402
+
+
+def noisy_episode(env, actor, sigma, seed):
+    """One episode with Gaussian exploration noise, as the arrays of a task's data file."""
+    rng = np.random.default_rng(seed)
+    obs, _ = env.reset(seed=seed)
+    rows = {k: [] for k in ("observations", "actions", "rewards", "next_observations", "terminations", "truncations")}
+    done = False
+    while not done:
+        action = np.clip(actor(obs) + sigma * rng.standard_normal(env.action_space.shape),
+                         env.action_space.low, env.action_space.high)
+        next_obs, reward, terminated, truncated, _ = env.step(action)
+        for k, v in zip(rows, (obs, action, reward, next_obs, terminated, truncated)):
+            rows[k].append(v)
+        obs, done = next_obs, terminated or truncated
+    return {k: np.array(v, np.float32 if k not in ("terminations", "truncations") else bool) for k, v in rows.items()}
+
+
+def readapt(model, params, batch, cfg, inner_steps):
+    """Continue the adaptation from params = (value, policy) on one batch."""
+    vparams, pparams = params
+    if cfg.method == "mt-awr":
+        return vparams, macaw.finetune(model, batch, cfg, (vparams, pparams))
+    for _ in range(inner_steps):
+        vparams, pparams = ({k: v.detach().requires_grad_() for k, v in p.items()} for p in (vparams, pparams))
+        vparams, pparams, _, _ = macaw.adapt(model, vparams, pparams, batch, cfg)
+    return ({k: v.detach() for k, v in vparams.items()}, {k: v.detach() for k, v in pparams.items()})
+
+
+def online_curve(model, cfg, data, env, episodes, inner_steps, seed):
+    gen = torch.Generator().manual_seed(seed)
+    adaptation = data.random_batch(cfg.eval_batch, gen)  # the offline start, as in evaluation
+    params = readapt(model, model.params(), adaptation, cfg, 1 if cfg.method != "mt-awr" else None)
+    actor = lambda p: macaw.policy_actor(model.policy, p, cfg.device, data.code)
+    returns, env_steps = [macaw.rollout(env, actor(params[1]), seed)], [0]
+    for e in range(episodes):
+        episode = noisy_episode(env, actor(params[1]), cfg.action_sigma, 1000 * seed + e)
+        new = macaw.TaskData(dict(episode, collector_return=0.0, random_return=0.0), cfg, data.code).tensors
+        adaptation = {k: torch.cat([adaptation[k], new[k].to(adaptation[k].dtype)]) for k in adaptation}
+        idx = torch.randperm(len(adaptation["obs"]), generator=gen)[:cfg.eval_batch]
+        params = readapt(model, params, {k: v[idx] for k, v in adaptation.items()}, cfg, inner_steps)
+        returns.append(macaw.rollout(env, actor(params[1]), seed))
+        env_steps.append(env_steps[-1] + len(episode["rewards"]))
+    return env_steps, returns
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--episodes", type=int, default=10, help="online episodes per test task")
+    parser.add_argument("--inner-steps", type=int, default=1, help="MACAW/Meta-BC inner steps per episode")
+    parser.add_argument("--repeats", type=int, default=3, help="online runs per test task")
+    parser.add_argument("--data-dir", help="where the runs' data are, if not where they were trained")
+    parser.add_argument("--results", type=Path, default=ROOT / "results" / "studies")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    results = {}
+    for run in args.runs:
+        cfg, bench, data, model = load_run(run, args.data_dir)
+        cfg.buffer_skip = 1  # the online episodes are kept whole
+        curves = {}
+        for k in bench.test_ids:
+            env = macaw.make_task_env(bench, k)
+            curves[str(k)] = [online_curve(model, cfg, data[k], env, args.episodes, args.inner_steps, seed)
+                              for seed in range(args.repeats)]
+        results[str(run)] = dict(env=cfg.env, method=cfg.method, seed=cfg.seed, curves=curves,
+                                 collector={str(k): data[k].collector_return for k in bench.test_ids})
+        mean = np.mean([r for c in curves.values() for _, r in c], axis=0)
+        print(f"{run} ({cfg.method}): mean return over test tasks after 0, 1, ... online episodes: "
+              + " ".join(f"{x:.0f}" for x in mean))
+    out = args.results / f"online_finetune_{cfg.env}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    macaw.write_json(out, dict(runs=results, commit=macaw.git_commit(), episodes=args.episodes,
+                               inner_steps=args.inner_steps, repeats=args.repeats))
+    plot(results, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png').name}")
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for n, (run, res) in enumerate(results.items()):
+        curves = [c for task in res["curves"].values() for c in task]
+        steps = np.mean([s for s, _ in curves], axis=0)
+        returns = np.array([r for _, r in curves])
+        ax.plot(steps, returns.mean(0), color=f"C{n}", label=f"{res['method']}, seed {res['seed']}")
+        ax.fill_between(steps, returns.min(0), returns.max(0), color=f"C{n}", alpha=0.12, lw=0)
+    ax.set(xlabel="online environment steps (mean over test tasks)", ylabel="episode return",
+           title="online fine-tuning after offline adaptation")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    macaw.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
