@@ -179,8 +179,9 @@ class Config:
     collector_steps: int = arg(-1, "env steps of each task's collector; -1 = the benchmark's default")
     collector_width: int = arg(-1, "hidden width of the SAC collectors' networks; -1 = the benchmark's default "
                                    "(README 'Speed': 64 is 2.2x faster at 40 tasks)")
-    shared_collector: bool = arg(False, "make the data with ONE task-conditioned SAC agent per worker process, its "
-                                        "replay buffer split per task, instead of one agent per task (README 'Speed')")
+    collector_design: str = arg("", "per-task (one SAC agent per task) or shared (ONE task-conditioned SAC agent per "
+                                     "worker process, its replay buffer split per task); '' = the benchmark's default "
+                                     "(README 'Speed')")
     regenerate_data: bool = arg(False, "delete and regenerate this env's offline data")
 
     def resolve(self, bench):
@@ -188,6 +189,9 @@ class Config:
         for name in ("steps", "eval_every", "collector_steps", "collector_width"):
             if getattr(self, name) == -1:
                 setattr(self, name, bench.defaults[name])
+        self.collector_design = self.collector_design or bench.defaults.get("collector_design", "per-task")
+        if self.collector_design not in ("per-task", "shared"):
+            raise UserError(f"unknown --collector-design {self.collector_design!r}; choose per-task or shared")
         if self.method not in METHODS:
             raise UserError(f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.method != "macaw":
@@ -476,10 +480,10 @@ def load_task_data(path, bench, task_id, cfg=None):
         def collector(steps, width, shared):
             return f"{steps} steps" + (f" of a width-{int(width)} {'shared ' if shared else ''}SAC" if sac else "")
         made = collector(n, data.get("collector_width"), data.get("collector_shared", False))
-        wanted = collector(cfg.collector_steps, cfg.collector_width, cfg.shared_collector)
+        wanted = collector(cfg.collector_steps, cfg.collector_width, cfg.collector_design == "shared")
         if made != wanted:
             raise UserError(f"{path} holds {made}, this run asks for {wanted} (--collector-steps, --collector-width, "
-                            f"--shared-collector); pass the flags that match the file, or --regenerate-data")
+                            f"--collector-design); pass the flags that match the file, or --regenerate-data")
     return data
 
 
@@ -1311,7 +1315,8 @@ def ensure_data(cfg, bench, stop=()):
 
 def generate_tasks(cfg, bench, task_ids, stop=()):
     folder = Path(cfg.data_dir) / cfg.env
-    width = f"{' shared' if cfg.shared_collector else ''} width {cfg.collector_width}" if bench.collector == "sac" else ""
+    shared = cfg.collector_design == "shared"
+    width = f"{' shared' if shared else ''} width {cfg.collector_width}" if bench.collector == "sac" else ""
     print(f"Generating offline data for {len(task_ids)} {cfg.env} task(s) in {folder}/ "
           f"({bench.collector}{width} collector, {cfg.collector_steps} steps each; done once, reused later)")
     if bench.collector != "sac":
@@ -1325,9 +1330,9 @@ def generate_tasks(cfg, bench, task_ids, stop=()):
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=collect_group, daemon=True,
                                args=(cfg.env, group, cfg.collector_steps, task_seed(cfg, group[0]),
-                                     cfg.collector_width, cfg.shared_collector, [task_data_path(cfg, k) for k in group],
+                                     cfg.collector_width, shared, [task_data_path(cfg, k) for k in group],
                                      folder / f"collector-tasks{group[0]}-{group[-1]}-width{cfg.collector_width}"
-                                              f"{'-shared' if cfg.shared_collector else ''}.pt", position))
+                                              f"{'-shared' if shared else ''}.pt", position))
                for position, group in enumerate(groups)]
     for w in workers:
         w.start()

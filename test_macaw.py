@@ -580,7 +580,8 @@ def test_unknown_env_is_one_line_error(tmp_path):
 @pytest.mark.parametrize("args, words", [(["--steps", "-3"], "--steps"),
                                           (["--inner-batch", "5000"], "batch"),
                                           (["--device", "nonsense"], "--device"),
-                                          (["--method", "maml"], "mt-awr")])
+                                          (["--method", "maml"], "mt-awr"),
+                                          (["--collector-design", "both"], "--collector-design")])
 def test_bad_flag_values_fail_before_work(tmp_path, args, words):
     result = run_cli(*TINY, *args, cwd=tmp_path)
     assert result.returncode != 0

@@ -3,12 +3,12 @@
     python benchmarks/collector_designs.py                       # cheetah-vel, 40 tasks, 40k steps each
     python benchmarks/collector_designs.py --width 256 --steps 40000 --env cheetah-vel
 
-Makes a benchmark's data with the shared collector (`--shared-collector`: one agent per worker process,
+Makes a benchmark's data with the shared collector (`--collector-design shared`: one agent per worker process,
 the observation plus a one-hot task code as its input, one update per lock-step on a batch of random
 (task, transition) pairs, each task's transitions kept in that task's buffer) into data-designs/, exactly
 as `python macaw.py` would make it, and reports its wall time, CPU-minutes, the final deterministic
 collectors' returns and the buffers' learning curves beside those of the per-task data in data/<env>/
-(made by the default command; its CPU time is read from --per-task-cpu-min, measured when it was made).
+(or --per-task-data-dir; its CPU time is read from --per-task-cpu-min, measured when it was made).
 Writes results/collector_designs_<env>.json. The default collector is not changed by this script.
 """
 import argparse
@@ -42,9 +42,11 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=-1, help="env steps per task; -1 = the benchmark's default")
     parser.add_argument("--per-task-cpu-min", type=float, default=None,
                         help="CPU-minutes the per-task data in data/<env>/ took (from when it was made)")
+    parser.add_argument("--per-task-data-dir", default="data", help="where the per-task data are")
+    parser.add_argument("--per-task-width", type=int, default=-1, help="their collectors' width; -1 = the benchmark's default")
     args = parser.parse_args()
     bench = macaw.get_benchmark(args.env)
-    cfg = macaw.parse_config(["--env", args.env, "--data-dir", "data-designs", "--shared-collector",
+    cfg = macaw.parse_config(["--env", args.env, "--data-dir", "data-designs", "--collector-design", "shared",
                               "--collector-width", str(args.width), "--collector-steps", str(args.steps)]).resolve(bench)
     wall = time.perf_counter()
     macaw.ensure_data(cfg, bench)
@@ -53,7 +55,8 @@ if __name__ == "__main__":
     shared = dict(design="shared", width=cfg.collector_width, steps=cfg.collector_steps, wall_min=round(wall / 60, 2),
                   cpu_min=round((cpu.ru_utime + cpu.ru_stime) / 60, 2), **summary(cfg, bench))
     records = [shared]
-    default = macaw.parse_config(["--env", args.env]).resolve(bench)
+    default = macaw.parse_config(["--env", args.env, "--data-dir", args.per_task_data_dir, "--collector-design",
+                                  "per-task", "--collector-width", str(args.per_task_width)]).resolve(bench)
     if not macaw.missing_tasks(default, bench):
         records.append(dict(design="per-task", width=default.collector_width, steps=default.collector_steps,
                             cpu_min=args.per_task_cpu_min, **summary(default, bench)))
