@@ -1111,6 +1111,17 @@ def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path):
     assert (tmp_path / "online_finetune_point-robot.png").stat().st_size > 0
 
 
+def test_ant_progress_separates_walking_from_standing_in_stored_episodes():
+    sys.path.insert(0, str(HERE / "studies"))
+    import ant_progress
+    # Two 3-step episodes: actions of norm^2 2 (control cost 1 per step), so progress = reward - 1 + 1.
+    rewards = np.array([1.0, 2.0, 3.0, 0.5, 0.5, 0.5])
+    data = dict(rewards=rewards, actions=np.ones((6, 2)), terminations=np.zeros(6, bool),
+                truncations=np.array([0, 0, 1, 0, 0, 1], bool))
+    assert ant_progress.data_progress(data, 1) == (pytest.approx(1.5), pytest.approx(1.5))  # the last episode
+    assert ant_progress.data_progress(data, 2) == (pytest.approx(3.75), pytest.approx(3.75))  # (6 + 1.5) / 2
+
+
 def test_compiled_meta_gradient_path_matches_backward():
     """--compile differentiates J as one pure function (torch.func.grad); checked here with the
     'eager' backend (the same traced function without code generation, to keep the test fast)."""
