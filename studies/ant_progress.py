@@ -9,7 +9,7 @@ still". For each run and held-out task this script adapts as evaluation does (--
 random offline rows) and rolls out before and after adaptation, summing each part of the reward; it does
 the same for the last --data-episodes episodes of each held-out task's offline data (the collector's late
 behaviour), from the rewards and actions stored there (progress = reward - 1 + 0.5 ||a||^2, contact cost
-included, upright steps assumed). Writes results/studies/ant_progress.json and prints a table.
+included, upright steps assumed). Writes results/studies/<--name>.json and prints a table.
 """
 import argparse
 import math
@@ -56,6 +56,7 @@ def main(argv=None):
     parser.add_argument("--data-episodes", type=int, default=20)
     parser.add_argument("--data-dir", help="where the runs' data are, if not where they were trained")
     parser.add_argument("--results", type=Path, default=ROOT / "results" / "studies")
+    parser.add_argument("--name", default="ant_progress", help="results/studies/<name>.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = {}
@@ -83,8 +84,8 @@ def main(argv=None):
                   f"upright pre {mean(pre, 'upright'):5.0f} post {mean(post, 'upright'):5.0f}; control pre "
                   f"{mean(pre, 'control'):6.1f} post {mean(post, 'control'):6.1f}")
     args.results.mkdir(parents=True, exist_ok=True)
-    macaw.write_json(args.results / "ant_progress.json", dict(runs=out, commit=macaw.git_commit()))
-    print(f"wrote {args.results / 'ant_progress.json'}")
+    macaw.write_json(args.results / f"{args.name}.json", dict(runs=out, commit=macaw.git_commit()))
+    print(f"wrote {args.results / args.name}.json")
 
 
 if __name__ == "__main__":
