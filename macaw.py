@@ -1540,7 +1540,7 @@ def command_line(cfg, bench):
     parts = ["python macaw.py"]
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
-        default = bench.defaults.get(f.name, f.default)
+        default = bench.defaults.get(f.name, "per-task" if f.name == "collector_design" else f.default)
         if f.name == "resume" or value == default or (f.name == "run_name" and value == default_run_name(cfg)):
             continue
         if isinstance(value, bool):
