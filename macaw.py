@@ -1668,6 +1668,7 @@ def train(cfg):
 
 def run_locked(cfg, bench, run_dir, stop):
     """train() once the run folder is locked and the process settings are made."""
+    run_versions = versions()  # read once, before the data (which may take long): the commit this process runs
     t0 = time.time()
     task_data = load_benchmark_data(cfg, bench, stop)
     data_time = time.time() - t0
@@ -1692,7 +1693,6 @@ def run_locked(cfg, bench, run_dir, stop):
         print(f"Resuming {run_dir} at step {step}")
     records = read_log(log_path, step)
     write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-    run_versions = versions()  # read once: the commit the run started from
     write_json(run_dir / "versions.json", run_versions)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{cfg.method} on {cfg.env}: {len(bench.train_ids)} train / {len(bench.test_ids)} test tasks, "
