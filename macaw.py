@@ -872,7 +872,7 @@ def multitask_losses(model, vparams, pparams, batch, cfg):
 def finetune(model, batch, cfg, params=None):
     """MT-AWR's test-time adaptation: --finetune-steps Adam steps of multitask_losses on the test batch,
     on copies of the weights (at the outer learning rates), or of params = (value, policy) dicts to
-    continue a fine-tuning. Returns the fine-tuned policy params."""
+    continue a fine-tuning. Returns the fine-tuned (value, policy) params."""
     params = model.params() if params is None else params
     vparams, pparams = ({k: p.detach().clone().requires_grad_() for k, p in d.items()} for d in params)
     opt = torch.optim.Adam([dict(params=list(vparams.values()), lr=cfg.outer_value_lr),
@@ -883,7 +883,7 @@ def finetune(model, batch, cfg, params=None):
             opt.zero_grad()
             (losses["outer_value"] + losses["outer_policy"]).backward()
             opt.step()
-    return {k: p.detach() for k, p in pparams.items()}
+    return {k: p.detach() for k, p in vparams.items()}, {k: p.detach() for k, p in pparams.items()}
 
 
 def make_optimizers(model, cfg):
@@ -973,7 +973,7 @@ def adapt_policy(model, batch, cfg):
     """The adapted policy params from one test batch: MACAW and Meta-BC take their inner step (adapt),
     MT-AWR fine-tunes."""
     if cfg.method == "mt-awr":
-        return finetune(model, batch, cfg)
+        return finetune(model, batch, cfg)[1]
     return adapt(model, *model.params(), batch, cfg)[1]
 
 

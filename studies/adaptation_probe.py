@@ -43,15 +43,17 @@ def adaptation_batch(data, source, n, gen):
     return {k: v[start:start + n] for k, v in data.tensors.items()}
 
 
-def adapted_policy(model, batch, steps, cfg):
+def adapt_steps(model, params, batch, steps, cfg):
+    """`steps` test-time adaptation steps from params = (value, policy) dicts: the run's own inner step
+    (MACAW, Meta-BC), each from the previous step's adapted networks, or for MT-AWR `steps` fine-tuning
+    Adam steps. Returns the adapted (value, policy), detached."""
     if cfg.method == "mt-awr":
-        return macaw.finetune(model, batch, dataclasses.replace(cfg, finetune_steps=steps))
-    vparams, pparams = model.params()
+        return macaw.finetune(model, batch, dataclasses.replace(cfg, finetune_steps=steps), params)
+    vparams, pparams = params
     for _ in range(steps):
+        vparams, pparams = ({k: v.detach().requires_grad_() for k, v in p.items()} for p in (vparams, pparams))
         vparams, pparams, _, _ = macaw.adapt(model, vparams, pparams, batch, cfg)
-        vparams = {k: v.detach().requires_grad_() for k, v in vparams.items()}
-        pparams = {k: v.detach().requires_grad_() for k, v in pparams.items()}
-    return pparams
+    return {k: v.detach() for k, v in vparams.items()}, {k: v.detach() for k, v in pparams.items()}
 
 
 def load_run(run_dir, data_dir=None):
@@ -77,7 +79,7 @@ def probe(run_dir, adaptations, step_counts, batch_sizes=(256,), sources=SOURCES
                     returns = []
                     for r in range(adaptations):
                         batch = adaptation_batch(data[k], source, n, gen)
-                        actor = macaw.policy_actor(model.policy, adapted_policy(model, batch, steps, cfg), "cpu",
+                        actor = macaw.policy_actor(model.policy, adapt_steps(model, model.params(), batch, steps, cfg)[1], "cpu",
                                                    data[k].code)
                         with np.errstate(all="ignore"):
                             ret = macaw.rollout(env, actor, 50_000 + r)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "studies"))
 import macaw  # noqa: E402
-from adaptation_probe import load_run  # noqa: E402
+from adaptation_probe import adapt_steps, load_run  # noqa: E402
 
 
 def noisy_episode(env, actor, sigma, seed):
@@ -41,21 +41,11 @@ def noisy_episode(env, actor, sigma, seed):
     return {k: np.array(v, np.float32 if k not in ("terminations", "truncations") else bool) for k, v in rows.items()}
 
 
-def readapt(model, params, batch, cfg, inner_steps):
-    """Continue the adaptation from params = (value, policy) on one batch."""
-    vparams, pparams = params
-    if cfg.method == "mt-awr":
-        return vparams, macaw.finetune(model, batch, cfg, (vparams, pparams))
-    for _ in range(inner_steps):
-        vparams, pparams = ({k: v.detach().requires_grad_() for k, v in p.items()} for p in (vparams, pparams))
-        vparams, pparams, _, _ = macaw.adapt(model, vparams, pparams, batch, cfg)
-    return ({k: v.detach() for k, v in vparams.items()}, {k: v.detach() for k, v in pparams.items()})
-
-
 def online_curve(model, cfg, data, env, episodes, inner_steps, seed):
     gen = torch.Generator().manual_seed(seed)
     adaptation = data.random_batch(cfg.eval_batch, gen)  # the offline start, as in evaluation
-    params = readapt(model, model.params(), adaptation, cfg, 1 if cfg.method != "mt-awr" else None)
+    steps = lambda n: cfg.finetune_steps if cfg.method == "mt-awr" else n  # MT-AWR: its own fine-tuning
+    params = adapt_steps(model, model.params(), adaptation, steps(1), cfg)
     actor = lambda p: macaw.policy_actor(model.policy, p, cfg.device, data.code)
     returns, env_steps = [macaw.rollout(env, actor(params[1]), seed)], [0]
     for e in range(episodes):
@@ -63,7 +53,7 @@ def online_curve(model, cfg, data, env, episodes, inner_steps, seed):
         new = macaw.TaskData(dict(episode, collector_return=0.0, random_return=0.0), cfg, data.code).tensors
         adaptation = {k: torch.cat([adaptation[k], new[k].to(adaptation[k].dtype)]) for k in adaptation}
         idx = torch.randperm(len(adaptation["obs"]), generator=gen)[:cfg.eval_batch]
-        params = readapt(model, params, {k: v[idx] for k, v in adaptation.items()}, cfg, inner_steps)
+        params = adapt_steps(model, params, {k: v[idx] for k, v in adaptation.items()}, steps(inner_steps), cfg)
         returns.append(macaw.rollout(env, actor(params[1]), seed))
         env_steps.append(env_steps[-1] + len(episode["rewards"]))
     return env_steps, returns
