@@ -982,7 +982,7 @@ def evaluate(model, bench, task_data, cfg, gen, rollouts=1):
     each in pre_each / post_each); episodes last 200 steps (20 for point-robot) unless the agent falls.
     Each adaptation uses a fresh random batch of eval_batch transitions and (1)-(4): one value step,
     one policy step (the baselines adapt their own way, adapt_policy)."""
-    vparams, pparams = model.params()
+    pparams = model.params()[1]
     results = {}
     for k in bench.test_ids:
         env = make_task_env(bench, k)  # the env is switched to the task being evaluated
