@@ -5,8 +5,8 @@
 
 Each (benchmark, variant, seed) is one ordinary run of macaw.train() with fewer meta-steps than the main
 results (--steps, default 3000, to fit the study in about an hour on 2 cores; say so next to any number
-from it). Runs go to runs/studies/<study>/<env>-<variant>-seed<k>/ and are reused: a finished run is read
-back, an interrupted one resumed. --jobs runs that many at once (1 torch thread each).
+from it). Runs go to runs/studies/<env>-<variant>-seed<k>/ and are reused: a finished run is read
+back, an interrupted one resumed (so the macaw runs of `main` also serve `ablation`). --jobs runs that many at once (1 torch thread each).
 
 Writes results/studies/<study>.json (every run's evaluation curve and final summary, the wall time) and
 results/studies/<study>.png (held-out post-adaptation return vs meta-step, mean over seeds with the
@@ -128,7 +128,7 @@ def main(argv=None):
         for variant in variants:
             for seed in args.seeds:
                 base = macaw.Config(env=env, seed=seed, steps=args.steps, eval_every=args.eval_every,
-                                    out=str(Path(args.out) / args.study), run_name=f"{env}-{variant}-seed{seed}",
+                                    out=args.out, run_name=f"{env}-{variant}-seed{seed}",
                                     **extra)
                 configs.append(variant_config(base, variant))
                 names.append((env, variant, seed))
