@@ -19,6 +19,9 @@ import macaw
 HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "fixtures" / "authors_meta_step_small.pt"
 torch.set_num_threads(1)
+# The fidelity and fast-vs-plain tests run on this device; on a GPU machine:
+#   MACAW_TEST_DEVICE=cuda python -m pytest test_macaw.py -k "authors or paper_width or loop_and_vmap"
+DEVICE = os.environ.get("MACAW_TEST_DEVICE", "cpu")
 
 
 def small_config(**kw):
@@ -38,7 +41,7 @@ def random_batch(n, obs_dim=5, act_dim=2, seed=0):
 # ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fx():
-    return torch.load(FIXTURE, weights_only=True)
+    return torch.load(FIXTURE, weights_only=True, map_location=DEVICE)
 
 
 # The authors' names of the step-size and lambda parameters -> this project's (used through softplus).
@@ -46,7 +49,7 @@ RAW_NAMES = {"policy_log_lrs": "raw_policy_lrs", "value_log_lrs": "raw_value_lrs
 
 
 def fixture_model(fx, cfg):
-    model = macaw.MACAW(5, 2, cfg)
+    model = macaw.MACAW(5, 2, cfg).to(DEVICE)
     state = {f"{net}.{k}": v for net in ("policy", "value") for k, v in fx["init"][net].items()}
     state.update({ours: fx["init"][theirs] for theirs, ours in RAW_NAMES.items()})
     model.load_state_dict(state)
@@ -68,7 +71,7 @@ def test_reproduces_authors_meta_step(fx, vmap_tasks, plain_inner_step):
     torch.set_num_threads(2)  # the fixture was recorded with 2 threads
     try:
         settings = fx["settings"]  # the authors' standard.json values (this project's value lr differs)
-        cfg = small_config(vmap_tasks=vmap_tasks, plain_inner_step=plain_inner_step,
+        cfg = small_config(vmap_tasks=vmap_tasks, plain_inner_step=plain_inner_step, device=DEVICE,
                            outer_value_lr=settings["outer_value_lr"],
                            outer_policy_lr=settings["outer_policy_lr"], outer_log_lr_lr=settings["log_lr_lr"])
         model = fixture_model(fx, cfg)
@@ -104,7 +107,7 @@ def test_reproduces_authors_meta_step(fx, vmap_tasks, plain_inner_step):
         for key in ("policy_log_lrs", "value_log_lrs"):
             g, ref = getattr(model, RAW_NAMES[key]).grad, grads[key]
             assert ((g - ref).norm() / ref.norm()).item() <= 1e-4, key
-            has_grad = torch.tensor(grads[f"{key}_has_grad"])
+            has_grad = torch.tensor(grads[f"{key}_has_grad"], device=DEVICE)
             assert torch.all(g[~has_grad] == 0) and torch.all(g[has_grad] != 0), key
         assert model.raw_adv_coef.grad.item() == pytest.approx(grads["adv_coef_log"].item(), rel=1e-5)
 
@@ -275,7 +278,8 @@ def test_mt_awr_fine_tuning_lowers_its_loss_and_the_task_id_is_zeroed_for_test_t
 
 def meta_gradient(cfg, batches, obs_dim=5, act_dim=2):
     torch.manual_seed(0)
-    model = macaw.MACAW(obs_dim, act_dim, cfg)
+    model = macaw.MACAW(obs_dim, act_dim, cfg).to(DEVICE)
+    batches = [tuple({k: v.to(DEVICE) for k, v in b.items()} for b in pair) for pair in batches]
     losses = macaw.meta_losses(model, batches, cfg)
     ((losses["outer_value"].sum() + losses["outer_policy"].sum()) / len(batches)).backward()
     return {name: p.grad.clone() for name, p in model.named_parameters()}, losses
@@ -285,17 +289,17 @@ def test_fast_and_plain_inner_steps_agree_at_paper_width():
     """The fast form (no stepped copy of T) is the same function as the plain form: same adapted
     weights, same losses, same meta-gradient for every meta-parameter, at the paper's sizes."""
     batches = [(random_batch(256, 17, 6, seed=2 * t), random_batch(256, 17, 6, seed=2 * t + 1)) for t in range(2)]
-    fast, fast_losses = meta_gradient(macaw.Config(), batches, 17, 6)
-    plain, plain_losses = meta_gradient(macaw.Config(plain_inner_step=True), batches, 17, 6)
+    fast, fast_losses = meta_gradient(macaw.Config(device=DEVICE), batches, 17, 6)
+    plain, plain_losses = meta_gradient(macaw.Config(device=DEVICE, plain_inner_step=True), batches, 17, 6)
     for key in fast_losses:
         torch.testing.assert_close(fast_losses[key], plain_losses[key], rtol=1e-5, atol=0)
     for name, g in plain.items():
         assert ((fast[name] - g).norm() / g.norm()).item() <= 1e-5, name
     torch.manual_seed(0)
-    model = macaw.MACAW(17, 6, macaw.Config())
-    inner = batches[0][0]
+    model = macaw.MACAW(17, 6, macaw.Config()).to(DEVICE)
+    inner = {k: v.to(DEVICE) for k, v in batches[0][0].items()}
     adapted = [macaw.adapt(model, *model.params(), inner, macaw.Config(plain_inner_step=plain)) for plain in (False, True)]
-    x = torch.randn(64, 17)
+    x = torch.randn(64, 17, device=DEVICE)
     for index, net in ((0, model.value), (1, model.policy), (2, model.value)):  # phi', theta', phibar
         out_fast, out_plain = (torch.func.functional_call(net, a[index], (x,)) for a in adapted)
         torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-6)
@@ -304,7 +308,7 @@ def test_fast_and_plain_inner_steps_agree_at_paper_width():
 def test_loop_and_vmap_give_the_same_meta_gradient():
     """The readable loop over tasks (the default) and torch.func.vmap over tasks are the same function."""
     batches = [(random_batch(32, seed=2 * t), random_batch(32, seed=2 * t + 1)) for t in range(3)]
-    grads = [meta_gradient(small_config(vmap_tasks=vmap_tasks), batches)[0] for vmap_tasks in (False, True)]
+    grads = [meta_gradient(small_config(vmap_tasks=vmap_tasks, device=DEVICE), batches)[0] for vmap_tasks in (False, True)]
     for name, g in grads[0].items():
         assert ((grads[1][name] - g).norm() / g.norm()).item() < 1e-4, name
 
