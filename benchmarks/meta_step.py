@@ -223,7 +223,7 @@ def main():
                     rates[p].append(steps_per_second(states[p], args.seconds, args.device))
             median = {p: statistics.median(r) for p, r in rates.items()}
             for p in paths:
-                flops = flops_per_step(states[p if p != "compiled" else "vmap"])  # same arithmetic
+                flops = flops_per_step(states[p])  # (compiled: its arithmetic, counted on the eager step)
                 speedup = median[p] / median["plain"] if "plain" in median else None
                 util = flops * median[p] / matmul
                 print(f"{tasks:>5} {threads:>7} {p:>6} {median[p]:15.2f} {f'({min(rates[p]):.1f}-{max(rates[p]):.1f})':>13} "
