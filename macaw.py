@@ -872,16 +872,22 @@ def multitask_losses(model, vparams, pparams, batch, cfg):
 def finetune(model, batch, cfg, params=None):
     """MT-AWR's test-time adaptation: --finetune-steps Adam steps of multitask_losses on the test batch,
     on copies of the weights (at the outer learning rates), or of params = (value, policy) dicts to
-    continue a fine-tuning. Returns the fine-tuned (value, policy) params."""
+    continue a fine-tuning. Returns the fine-tuned (value, policy) params.
+    (The test-time studies also continue a MACAW or Meta-BC adaptation this way; Meta-BC's objective
+    is then its own, bc_loss.)"""
     params = model.params() if params is None else params
     vparams, pparams = ({k: p.detach().clone().requires_grad_() for k, p in d.items()} for d in params)
     opt = torch.optim.Adam([dict(params=list(vparams.values()), lr=cfg.outer_value_lr),
                             dict(params=list(pparams.values()), lr=cfg.outer_policy_lr)])
     with torch.enable_grad():
         for _ in range(cfg.finetune_steps):
-            losses = multitask_losses(model, vparams, pparams, batch, cfg)
+            if cfg.method == "meta-bc":
+                loss = bc_loss(model.policy, pparams, batch, cfg)
+            else:
+                losses = multitask_losses(model, vparams, pparams, batch, cfg)
+                loss = losses["outer_value"] + losses["outer_policy"]
             opt.zero_grad()
-            (losses["outer_value"] + losses["outer_policy"]).backward()
+            loss.backward()
             opt.step()
     return {k: p.detach() for k, p in vparams.items()}, {k: p.detach() for k, p in pparams.items()}
 

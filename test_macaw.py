@@ -1100,19 +1100,40 @@ def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path):
         result = run_cli(*TINY, "--method", method, "--steps", "2", "--eval-every", "2", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         runs.append(str(tmp_path / "runs" / macaw.default_run_name(macaw.Config(env="point-robot", method=method))))
-    adaptation_probe.main([*runs, "--adaptations", "1", "--steps", "1", "3", "--batch-sizes", "32", "64",
+    adaptation_probe.main([*runs, "--adaptations", "1", "--steps", "1", "3", "--batch-sizes", "32", "64", "--rule", "adam",
                            "--data-dir", str(tmp_path / "data"), "--results", str(tmp_path), "--name", "probe"])
     out = json.loads((tmp_path / "probe_point-robot.json").read_text())["runs"]
     assert len(out) == 3 and all(len(recs) == 5 * 4 * 2 * 2 for recs in out.values())  # tasks x sources x sizes x steps
     assert all(len(r["returns"]) == 1 for recs in out.values() for r in recs.values())
     import online_finetune
-    online_finetune.main([*runs, "--episodes", "2", "--repeats", "1", "--data-dir", str(tmp_path / "data"),
-                          "--results", str(tmp_path)])
+    online_finetune.main([*runs, "--episodes", "2", "--repeats", "1", "--rule", "repeat", "--data-dir",
+                          str(tmp_path / "data"), "--results", str(tmp_path)])
     out = json.loads((tmp_path / "online_finetune_point-robot.json").read_text())["runs"]
     for res in out.values():
         for (steps, returns), in res["curves"].values():
             assert len(returns) == 3 and steps[0] == 0 and steps[2] > steps[1] > 0  # 2 episodes of up to 20 steps
     assert (tmp_path / "online_finetune_point-robot.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("method", ["macaw", "meta-bc"])
+def test_adam_continuation_starts_with_the_inner_step_and_lowers_the_plain_objective(method):
+    """studies' --rule adam: the first test-time step is the method's own inner step, later ones Adam
+    steps on its plain objective (MACAW: value regression + AWR; Meta-BC: cloning), which they lower."""
+    sys.path.insert(0, str(HERE / "studies"))
+    from adaptation_probe import adapt_steps
+    torch.manual_seed(0)
+    cfg = small_config(method=method, adv_head=method == "macaw")
+    model = macaw.MACAW(5, 2, cfg)
+    batch = random_batch(32)
+    repeat, adam = (adapt_steps(model, model.params(), batch, 1, cfg, rule) for rule in ("repeat", "adam"))
+    for a, b in zip(repeat, adam):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+    def objective(params):
+        if method == "meta-bc":
+            return macaw.bc_loss(model.policy, params[1], batch, cfg).item()
+        return sum(macaw.multitask_losses(model, params[0], params[1], batch, cfg).values()).item()
+    assert objective(adapt_steps(model, model.params(), batch, 6, cfg, "adam")) < objective(adam)
 
 
 def test_ant_progress_separates_walking_from_standing_in_stored_episodes():

@@ -2,7 +2,7 @@
 
     python studies/adaptation_probe.py runs/cheetah-dir-seed1 runs/cheetah-dir-seed2      # data x 1, 2, 5 steps
     python studies/adaptation_probe.py RUNS --steps 1 5 20 --batch-sizes 64 256 1024 4096 \
-        --sources "random rows" --name consistency                 # the paper's consistency study
+        --sources "random rows" --rule adam --name consistency     # the paper's consistency study
     python studies/adaptation_probe.py RUNS --steps 1 --name data_quality     # adaptation-data quality
 
 No training: each run's final meta-parameters are loaded and, for every test task, adapted on N
@@ -10,9 +10,11 @@ transitions (--batch-sizes, default 256) taken from different parts of that task
 rolled out in the task:
   - random rows (what evaluation does), or N contiguous rows from the first, middle or last 10% of
     the replay buffer (early exploration = poor data, the end = the collector's final behaviour);
-  - with 1, 2 or 5 inner steps (each step is the run's own inner step, MACAW's value step then policy
-    step or Meta-BC's cloning step, with the learned step sizes, applied to the previous step's adapted
-    networks); for an MT-AWR run a "step" is one fine-tuning Adam step.
+  - with 1, 2 or 5 steps (--steps). --rule repeat (default): each step is the run's own inner step,
+    MACAW's value step then policy step or Meta-BC's cloning step, with the learned step sizes, applied
+    to the previous step's adapted networks; --rule adam: the first step is that inner step, the rest
+    Adam steps on the method's plain objective (adapt_steps). For an MT-AWR run a "step" is one
+    fine-tuning Adam step.
 Writes results/studies/<name>_<env>.json (every rollout's return; --name, default adaptation_probe) and
 prints a table, then the mean normalised score over test tasks per setting.
 A return that is not finite (the policy's actions blew up) counts as "diverged".
@@ -43,22 +45,35 @@ def adaptation_batch(data, source, n, gen):
     return {k: v[start:start + n] for k, v in data.tensors.items()}
 
 
-def adapt_steps(model, params, batch, steps, cfg):
-    """`steps` test-time adaptation steps from params = (value, policy) dicts: the run's own inner step
-    (MACAW, Meta-BC), each from the previous step's adapted networks, or for MT-AWR `steps` fine-tuning
-    Adam steps. Returns the adapted (value, policy), detached."""
+RULES = ("repeat", "adam")
+
+
+def adapt_steps(model, params, batch, steps, cfg, rule="repeat", from_meta=True):
+    """`steps` test-time adaptation steps from params = (value, policy) dicts. Returns the adapted
+    (value, policy), detached. MT-AWR: `steps` fine-tuning Adam steps (macaw.finetune). MACAW, Meta-BC:
+      rule "repeat": every step is the run's own inner step with its learned step sizes (what the
+          paper's code does at test time, meta-trained for one step), each from the previous step's
+          adapted networks;
+      rule "adam": the first step from the meta-parameters (from_meta) is that inner step, every later
+          one an Adam step on the method's plain objective at the outer learning rates (MACAW: Monte-Carlo
+          value regression + AWR, as MT-AWR fine-tunes; Meta-BC: behaviour cloning)."""
     if cfg.method == "mt-awr":
         return macaw.finetune(model, batch, dataclasses.replace(cfg, finetune_steps=steps), params)
     vparams, pparams = params
-    for _ in range(steps):
+    inner_steps = steps if rule == "repeat" else min(steps, int(from_meta))
+    for _ in range(inner_steps):
         vparams, pparams = ({k: v.detach().requires_grad_() for k, v in p.items()} for p in (vparams, pparams))
         vparams, pparams, _, _ = macaw.adapt(model, vparams, pparams, batch, cfg)
+    if steps > inner_steps:
+        return macaw.finetune(model, batch, dataclasses.replace(cfg, finetune_steps=steps - inner_steps),
+                              (vparams, pparams))
     return {k: v.detach() for k, v in vparams.items()}, {k: v.detach() for k, v in pparams.items()}
 
 
 def load_run(run_dir, data_dir=None):
     """A trained run's config, benchmark, data and final meta-parameters."""
-    cfg = macaw.Config(**json.loads((run_dir / "config.json").read_text()))
+    saved = json.loads((run_dir / "config.json").read_text())  # (older runs may hold retired fields)
+    cfg = macaw.Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(macaw.Config)}})
     cfg.data_dir = data_dir or cfg.data_dir
     bench = macaw.get_benchmark(cfg.env)
     data = macaw.load_benchmark_data(cfg, bench)
@@ -67,7 +82,7 @@ def load_run(run_dir, data_dir=None):
     return cfg, bench, data, model
 
 
-def probe(run_dir, adaptations, step_counts, batch_sizes=(256,), sources=SOURCES, data_dir=None):
+def probe(run_dir, adaptations, step_counts, batch_sizes=(256,), sources=SOURCES, data_dir=None, rule="repeat"):
     cfg, bench, data, model = load_run(run_dir, data_dir)
     gen = torch.Generator().manual_seed(0)
     out = {}
@@ -79,7 +94,7 @@ def probe(run_dir, adaptations, step_counts, batch_sizes=(256,), sources=SOURCES
                     returns = []
                     for r in range(adaptations):
                         batch = adaptation_batch(data[k], source, n, gen)
-                        actor = macaw.policy_actor(model.policy, adapt_steps(model, model.params(), batch, steps, cfg)[1], "cpu",
+                        actor = macaw.policy_actor(model.policy, adapt_steps(model, model.params(), batch, steps, cfg, rule)[1], "cpu",
                                                    data[k].code)
                         with np.errstate(all="ignore"):
                             ret = macaw.rollout(env, actor, 50_000 + r)
@@ -103,6 +118,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256])
     parser.add_argument("--sources", nargs="+", choices=SOURCES, default=list(SOURCES))
+    parser.add_argument("--rule", choices=RULES, default="repeat",
+                        help="MACAW/Meta-BC steps after the first: their inner step again, or Adam (adapt_steps)")
     parser.add_argument("--name", default="adaptation_probe", help="results/studies/<name>_<env>.json")
     parser.add_argument("--data-dir", help="where the runs' data are, if not where they were trained")
     parser.add_argument("--results", type=Path, default=ROOT / "results" / "studies")
@@ -111,7 +128,7 @@ def main(argv=None):
     results = {}
     for run in args.runs:
         cfg, results[str(run)] = probe(run, args.adaptations, args.steps, args.batch_sizes, args.sources,
-                                       args.data_dir)
+                                       args.data_dir, args.rule)
         print(f"{run}: {cfg.env}, {cfg.method}, seed {cfg.seed}")
         for key, rec in results[str(run)].items():
             finite = [x for x in rec["returns"] if x is not None]
@@ -130,7 +147,7 @@ def main(argv=None):
             print(f"  {run}: {source:>11}, {n:>5} rows, {steps:>2} step(s): {np.mean(cell):5.2f}")
     out = args.results / f"{args.name}_{cfg.env}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    macaw.write_json(out, dict(runs=results, commit=macaw.git_commit(), adaptations=args.adaptations))
+    macaw.write_json(out, dict(runs=results, commit=macaw.git_commit(), adaptations=args.adaptations, rule=args.rule))
     print(f"wrote {out}")
 
 

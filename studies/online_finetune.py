@@ -5,8 +5,11 @@
 For each trained run and each test task: adapt on 256 offline transitions as evaluation does, then
 repeat --episodes times: act one episode in the task with exploration noise (mu(s) + N(0, sigma^2),
 sigma the run's --action-sigma), add it to the adaptation data, and adapt again from where the last
-adaptation ended on a random batch of 256 of all the adaptation data so far (MACAW and Meta-BC: their
-inner step with the learned step sizes, --inner-steps times; MT-AWR: --finetune-steps Adam steps).
+adaptation ended on a random batch of 256 of all the adaptation data so far: --rule adam (default)
+takes the run's --finetune-steps (20) Adam steps on the method's plain objective, the same for every
+method (MT-AWR always does; MACAW: value regression + AWR; Meta-BC: cloning; adaptation_probe.adapt_steps);
+--rule repeat takes MACAW's or Meta-BC's own inner step with the learned step sizes again, --inner-steps
+times (meta-trained for one step only, it can blow up).
 After each round, one deterministic episode measures the return. Returns vs environment steps, mean
 over test tasks, --repeats times each, go to results/studies/online_finetune_<env>.json (and .png).
 """
@@ -22,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "studies"))
 import macaw  # noqa: E402
-from adaptation_probe import adapt_steps, load_run  # noqa: E402
+from adaptation_probe import RULES, adapt_steps, load_run  # noqa: E402
 
 
 def noisy_episode(env, actor, sigma, seed):
@@ -41,11 +44,12 @@ def noisy_episode(env, actor, sigma, seed):
     return {k: np.array(v, np.float32 if k not in ("terminations", "truncations") else bool) for k, v in rows.items()}
 
 
-def online_curve(model, cfg, data, env, episodes, inner_steps, seed):
+def online_curve(model, cfg, data, env, episodes, inner_steps, seed, rule="adam"):
     gen = torch.Generator().manual_seed(seed)
     adaptation = data.random_batch(cfg.eval_batch, gen)  # the offline start, as in evaluation
-    steps = lambda n: cfg.finetune_steps if cfg.method == "mt-awr" else n  # MT-AWR: its own fine-tuning
-    params = adapt_steps(model, model.params(), adaptation, steps(1), cfg)
+    mt_awr = cfg.method == "mt-awr"
+    params = adapt_steps(model, model.params(), adaptation, cfg.finetune_steps if mt_awr else 1, cfg, rule)
+    per_round = cfg.finetune_steps if mt_awr or rule == "adam" else inner_steps
     actor = lambda p: macaw.policy_actor(model.policy, p, cfg.device, data.code)
     returns, env_steps = [macaw.rollout(env, actor(params[1]), seed)], [0]
     for e in range(episodes):
@@ -53,7 +57,8 @@ def online_curve(model, cfg, data, env, episodes, inner_steps, seed):
         new = macaw.TaskData(dict(episode, collector_return=0.0, random_return=0.0), cfg, data.code).tensors
         adaptation = {k: torch.cat([adaptation[k], new[k].to(adaptation[k].dtype)]) for k in adaptation}
         idx = torch.randperm(len(adaptation["obs"]), generator=gen)[:cfg.eval_batch]
-        params = adapt_steps(model, params, {k: v[idx] for k, v in adaptation.items()}, steps(inner_steps), cfg)
+        params = adapt_steps(model, params, {k: v[idx] for k, v in adaptation.items()}, per_round, cfg, rule,
+                             from_meta=False)
         returns.append(macaw.rollout(env, actor(params[1]), seed))
         env_steps.append(env_steps[-1] + len(episode["rewards"]))
     return env_steps, returns
@@ -63,7 +68,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--episodes", type=int, default=10, help="online episodes per test task")
-    parser.add_argument("--inner-steps", type=int, default=1, help="MACAW/Meta-BC inner steps per episode")
+    parser.add_argument("--rule", choices=RULES, default="adam", help="how MACAW/Meta-BC keep adapting (above)")
+    parser.add_argument("--inner-steps", type=int, default=1, help="--rule repeat: inner steps per episode")
     parser.add_argument("--repeats", type=int, default=3, help="online runs per test task")
     parser.add_argument("--data-dir", help="where the runs' data are, if not where they were trained")
     parser.add_argument("--results", type=Path, default=ROOT / "results" / "studies")
@@ -76,7 +82,7 @@ def main(argv=None):
         curves = {}
         for k in bench.test_ids:
             env = macaw.make_task_env(bench, k)
-            curves[str(k)] = [online_curve(model, cfg, data[k], env, args.episodes, args.inner_steps, seed)
+            curves[str(k)] = [online_curve(model, cfg, data[k], env, args.episodes, args.inner_steps, seed, args.rule)
                               for seed in range(args.repeats)]
         results[str(run)] = dict(env=cfg.env, method=cfg.method, seed=cfg.seed, curves=curves,
                                  collector={str(k): data[k].collector_return for k in bench.test_ids})
@@ -86,7 +92,7 @@ def main(argv=None):
     out = args.results / f"online_finetune_{cfg.env}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     macaw.write_json(out, dict(runs=results, commit=macaw.git_commit(), episodes=args.episodes,
-                               inner_steps=args.inner_steps, repeats=args.repeats))
+                               rule=args.rule, inner_steps=args.inner_steps, repeats=args.repeats))
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png').name}")
 
@@ -96,11 +102,13 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    for n, (run, res) in enumerate(results.items()):
-        curves = [c for task in res["curves"].values() for c in task]
-        steps = np.mean([s for s, _ in curves], axis=0)
-        returns = np.array([r for _, r in curves])
-        ax.plot(steps, returns.mean(0), color=f"C{n}", label=f"{res['method']}, seed {res['seed']}")
+    methods = list(dict.fromkeys(res["method"] for res in results.values()))
+    for n, method in enumerate(methods):  # mean over seeds (runs) of the mean over test tasks; band: seeds' range
+        runs = [res for res in results.values() if res["method"] == method]
+        per_run = [[c for task in res["curves"].values() for c in task] for res in runs]
+        steps = np.mean([s for curves in per_run for s, _ in curves], axis=0)
+        returns = np.array([np.mean([r for _, r in curves], axis=0) for curves in per_run])
+        ax.plot(steps, returns.mean(0), color=f"C{n}", label=f"{method} ({len(runs)} runs)")
         ax.fill_between(steps, returns.min(0), returns.max(0), color=f"C{n}", alpha=0.12, lw=0)
     ax.set(xlabel="online environment steps (mean over test tasks)", ylabel="episode return",
            title="online fine-tuning after offline adaptation")
