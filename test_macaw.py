@@ -1102,8 +1102,10 @@ def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path):
         runs.append(str(tmp_path / "runs" / macaw.default_run_name(macaw.Config(env="point-robot", method=method))))
     adaptation_probe.main([*runs, "--adaptations", "1", "--steps", "1", "3", "--batch-sizes", "32", "64", "--rule", "adam",
                            "--data-dir", str(tmp_path / "data"), "--results", str(tmp_path), "--name", "probe"])
-    out = json.loads((tmp_path / "probe_point-robot.json").read_text())["runs"]
+    probe = json.loads((tmp_path / "probe_point-robot.json").read_text())
+    out = probe["runs"]
     assert len(out) == 3 and all(len(recs) == 5 * 4 * 2 * 2 for recs in out.values())  # tasks x sources x sizes x steps
+    assert sorted(probe["variants"].values()) == sorted(macaw.METHODS) and len(probe["table"]) == 3 * 4 * 2 * 2
     assert all(len(r["returns"]) == 1 for recs in out.values() for r in recs.values())
     import online_finetune
     online_finetune.main([*runs, "--episodes", "2", "--repeats", "1", "--rule", "repeat", "--data-dir",

@@ -111,6 +111,33 @@ def normalised(rec):
             for x in rec["returns"] if x is not None]
 
 
+def variant(cfg):
+    """A run's method as the comparison studies name it (studies/compare_methods.py)."""
+    if not cfg.weight_transform:
+        return f"no-weight-transform (width {cfg.net_width})"
+    return "no-adv-head" if cfg.method == "macaw" and not cfg.adv_head else cfg.method
+
+
+def summary_table(results, variants):
+    """Per method and setting: each run's mean normalised score over test tasks, then their mean and
+    standard deviation over runs (seeds), and the share of adaptations that diverged."""
+    rows = []
+    for name in dict.fromkeys(variants.values()):
+        runs = [results[run] for run, v in variants.items() if v == name]
+        for source, n, steps in sorted({(r["source"], r["batch"], r["steps"]) for r in runs[0].values()},
+                                       key=lambda x: (SOURCES.index(x[0]), x[1], x[2])):
+            cells = [[r for r in recs.values() if (r["source"], r["batch"], r["steps"]) == (source, n, steps)]
+                     for recs in runs]
+            scores = [np.mean([np.mean(normalised(r)) for r in cell if normalised(r)]) for cell in cells
+                      if any(normalised(r) for r in cell)]  # runs with at least one finite adaptation
+            returns = [x for cell in cells for r in cell for x in r["returns"]]
+            rows.append(dict(variant=name, source=source, batch=n, steps=steps, runs=len(runs),
+                             normalised_mean=float(np.mean(scores)) if scores else None,
+                             normalised_std=float(np.std(scores)) if scores else None,
+                             diverged=sum(x is None for x in returns) / len(returns)))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -125,11 +152,12 @@ def main(argv=None):
     parser.add_argument("--results", type=Path, default=ROOT / "results" / "studies")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    results = {}
+    results, variants = {}, {}
     for run in args.runs:
         cfg, results[str(run)] = probe(run, args.adaptations, args.steps, args.batch_sizes, args.sources,
                                        args.data_dir, args.rule)
-        print(f"{run}: {cfg.env}, {cfg.method}, seed {cfg.seed}")
+        variants[str(run)] = variant(cfg)
+        print(f"{run}: {cfg.env}, {variants[str(run)]}, seed {cfg.seed}")
         for key, rec in results[str(run)].items():
             finite = [x for x in rec["returns"] if x is not None]
             diverged = len(rec["returns"]) - len(finite)
@@ -138,16 +166,18 @@ def main(argv=None):
             note = f"  diverged {diverged}/{len(rec['returns'])}" if diverged else ""
             print(f"  task {rec['task']:>3} {rec['source']:>11}, {rec['batch']:>5} rows, {rec['steps']:>2} step(s): "
                   f"{text}{note}")
-    print("\nmean normalised score over test tasks (diverged adaptations left out)")
-    for run, recs in results.items():
-        settings = sorted({(r["source"], r["batch"], r["steps"]) for r in recs.values()})
-        for source, n, steps in settings:
-            cell = [np.mean(normalised(r)) for r in recs.values()
-                    if (r["source"], r["batch"], r["steps"]) == (source, n, steps) and normalised(r)]
-            print(f"  {run}: {source:>11}, {n:>5} rows, {steps:>2} step(s): {np.mean(cell):5.2f}")
+    table = summary_table(results, variants)
+    print(f"\n{cfg.env}, rule {args.rule}: normalised score, mean over test tasks, then mean ± std over runs "
+          f"(diverged adaptations left out of the score and counted apart)")
+    print("| method | adaptation data | rows | steps | normalised | runs | diverged |\n|---|---|---|---|---|---|---|")
+    for row in table:
+        score = "—" if row["normalised_mean"] is None else f"{row['normalised_mean']:.2f} ± {row['normalised_std']:.2f}"
+        print(f"| {row['variant']} | {row['source']} | {row['batch']} | {row['steps']} | {score} | {row['runs']} "
+              f"| {row['diverged']:.0%} |")
     out = args.results / f"{args.name}_{cfg.env}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    macaw.write_json(out, dict(runs=results, commit=macaw.git_commit(), adaptations=args.adaptations, rule=args.rule))
+    macaw.write_json(out, dict(runs=results, variants=variants, table=table, commit=macaw.git_commit(),
+                               adaptations=args.adaptations, rule=args.rule))
     print(f"wrote {out}")
 
 
