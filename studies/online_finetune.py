@@ -89,6 +89,14 @@ def main(argv=None):
         mean = np.mean([r for c in curves.values() for _, r in c], axis=0)
         print(f"{run} ({cfg.method}): mean return over test tasks after 0, 1, ... online episodes: "
               + " ".join(f"{x:.0f}" for x in mean))
+    print(f"\n{cfg.env}, rule {args.rule}: mean return over test tasks, then mean ± std over runs")
+    print("| method | runs | " + " | ".join(f"after {e} episodes" for e in range(args.episodes + 1)) + " |")
+    print("|---|---|" + "---|" * (args.episodes + 1))
+    for method in dict.fromkeys(res["method"] for res in results.values()):
+        per_run = np.array([np.mean([r for c in res["curves"].values() for _, r in c], axis=0)
+                            for res in results.values() if res["method"] == method])
+        print(f"| {method} | {len(per_run)} | " + " | ".join(f"{m:.0f} ± {sd:.0f}" for m, sd in
+                                                             zip(per_run.mean(0), per_run.std(0))) + " |")
     out = args.results / f"online_finetune_{cfg.env}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     macaw.write_json(out, dict(runs=results, commit=macaw.git_commit(), episodes=args.episodes,
