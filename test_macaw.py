@@ -1074,7 +1074,7 @@ def test_solution_runs(tmp_path, script):
 
 
 @pytest.mark.parametrize("study", ["main", "ablation"])
-def test_compare_methods_study_runs_end_to_end_at_a_tiny_size(tmp_path, study):
+def test_compare_methods_study_runs_end_to_end_at_a_tiny_size(tmp_path, study, capsys):
     sys.path.insert(0, str(HERE / "studies"))
     import compare_methods
     tiny = ["net_width=16", "latent_dim=8", "inner_batch=32", "outer_batch=32", "eval_batch=32",
@@ -1090,9 +1090,12 @@ def test_compare_methods_study_runs_end_to_end_at_a_tiny_size(tmp_path, study):
                                                                                        **kw})).parameters())
         width = next(r["net_width"] for r in out["runs"] if r["variant"] == "no-weight-transform-wide")
         assert count(weight_transform=False, net_width=width - 1) < count() <= count(weight_transform=False, net_width=width)
+    import study_tables
+    study_tables.main(["--results", str(tmp_path)])
+    assert f"| point-robot | {compare_methods.STUDIES[study][-1]} |" in capsys.readouterr().out
 
 
-def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path):
+def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path, capsys):
     sys.path.insert(0, str(HERE / "studies"))
     import adaptation_probe
     runs = []
@@ -1115,6 +1118,16 @@ def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path):
         for (steps, returns), in res["curves"].values():
             assert len(returns) == 3 and steps[0] == 0 and steps[2] > steps[1] > 0  # 2 episodes of up to 20 steps
     assert (tmp_path / "online_finetune_point-robot.png").stat().st_size > 0
+    import study_tables
+    tables = tmp_path / "tables"
+    tables.mkdir()
+    for name in ("consistency", "data_quality"):  # the probe's output, under each study's name
+        (tables / f"{name}_point-robot.json").write_text((tmp_path / "probe_point-robot.json").read_text())
+    (tables / "online_finetune_point-robot.json").write_text((tmp_path / "online_finetune_point-robot.json").read_text())
+    capsys.readouterr()
+    study_tables.main(["--results", str(tables)])
+    printed = capsys.readouterr().out
+    assert printed.count("| meta-bc |") == 2 + 2 + 1  # consistency: 2 sizes; data quality: 2 step counts; online
 
 
 @pytest.mark.parametrize("method", ["macaw", "meta-bc"])
