@@ -72,6 +72,8 @@ def adapt_steps(model, params, batch, steps, cfg, rule="repeat", from_meta=True)
 
 def load_run(run_dir, data_dir=None):
     """A trained run's config, benchmark, data and final meta-parameters."""
+    if not (run_dir / "summary.json").exists():
+        raise SystemExit(f"{run_dir} holds no finished run (no summary.json); finish it first (macaw.py --resume)")
     saved = json.loads((run_dir / "config.json").read_text())  # (older runs may hold retired fields)
     cfg = macaw.Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(macaw.Config)}})
     cfg.data_dir = data_dir or cfg.data_dir
