@@ -1109,6 +1109,9 @@ def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path, capsys):
     out = probe["runs"]
     assert len(out) == 3 and all(len(recs) == 5 * 4 * 2 * 2 for recs in out.values())  # tasks x sources x sizes x steps
     assert sorted(probe["variants"].values()) == sorted(macaw.METHODS) and len(probe["table"]) == 3 * 4 * 2 * 2
+    (tmp_path / "probe_point-robot.png").unlink()
+    adaptation_probe.main(["--replot", str(tmp_path / "probe_point-robot.json")])
+    assert (tmp_path / "probe_point-robot.png").stat().st_size > 0
     assert all(len(r["returns"]) == 1 for recs in out.values() for r in recs.values())
     import online_finetune
     online_finetune.main([*runs, "--episodes", "2", "--repeats", "1", "--rule", "repeat", "--data-dir",

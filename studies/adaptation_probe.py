@@ -15,8 +15,9 @@ rolled out in the task:
     to the previous step's adapted networks; --rule adam: the first step is that inner step, the rest
     Adam steps on the method's plain objective (adapt_steps). For an MT-AWR run a "step" is one
     fine-tuning Adam step.
-Writes results/studies/<name>_<env>.json (every rollout's return; --name, default adaptation_probe) and
-prints a table, then the mean normalised score over test tasks per setting.
+Writes results/studies/<name>_<env>.json (every rollout's return, and the table; --name, default
+adaptation_probe) and <name>_<env>.png, and prints a table per run, then the mean normalised score per
+method and setting (mean over test tasks, then mean ± std over runs).
 A return that is not finite (the policy's actions blew up) counts as "diverged".
 """
 import argparse
@@ -140,9 +141,49 @@ def summary_table(results, variants):
     return rows
 
 
+def plot(table, title, path):
+    """Normalised score (mean over seeds, bars/bands: ± std): against the number of rows, one line per method
+    and step count, where several batch sizes were probed; else grouped bars per adaptation-data source."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    variants = list(dict.fromkeys(r["variant"] for r in table))
+    sizes, sources = sorted({r["batch"] for r in table}), list(dict.fromkeys(r["source"] for r in table))
+    steps = sorted({r["steps"] for r in table})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, v in enumerate(variants):
+        for j, s in enumerate(steps):
+            rows = [r for r in table if r["variant"] == v and r["steps"] == s and r["normalised_mean"] is not None]
+            label = f"{v}, {s} step{'s' * (s > 1)}"
+            if len(sizes) > 1:
+                rows = [r for r in rows if r["source"] == sources[0]]
+                x, y = [r["batch"] for r in rows], np.array([r["normalised_mean"] for r in rows])
+                sd = np.array([r["normalised_std"] for r in rows])
+                ax.plot(x, y, color=f"C{i}", ls=("-", "--", ":", "-.")[j % 4], marker="o", ms=3, label=label)
+                ax.fill_between(x, y - sd, y + sd, color=f"C{i}", alpha=0.05, lw=0)
+            else:
+                width = 0.8 / (len(variants) * len(steps))
+                offset = (i * len(steps) + j) * width - 0.4 + width / 2
+                xs = [sources.index(r["source"]) + offset for r in rows]
+                ax.bar(xs, [r["normalised_mean"] for r in rows], width, yerr=[r["normalised_std"] for r in rows],
+                       color=f"C{i}", alpha=1 - 0.35 * j, label=label)
+    if len(sizes) > 1:
+        ax.set(xscale="log", xlabel=f"adaptation transitions ({sources[0]})")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+    else:
+        ax.set_xticks(range(len(sources)), sources)
+        ax.set(xlabel=f"where the {sizes[0]} adaptation transitions come from")
+    ax.set(ylabel="normalised score (held-out tasks)", title=title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    macaw.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("runs", nargs="*", type=Path)
+    parser.add_argument("--replot", type=Path, help="only redraw the figure of this results JSON")
     parser.add_argument("--adaptations", type=int, default=10)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256])
@@ -153,6 +194,12 @@ def main(argv=None):
     parser.add_argument("--data-dir", help="where the runs' data are, if not where they were trained")
     parser.add_argument("--results", type=Path, default=ROOT / "results" / "studies")
     args = parser.parse_args(argv)
+    if args.replot:
+        res = json.loads(args.replot.read_text())
+        plot(res["table"], f"{args.replot.stem.rsplit('_', 1)[-1]}, rule {res['rule']}", args.replot.with_suffix(".png"))
+        return
+    if not args.runs:
+        parser.error("give the run folders to probe (or --replot RESULTS_JSON)")
     torch.set_num_threads(1)
     results, variants = {}, {}
     for run in args.runs:
@@ -180,7 +227,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     macaw.write_json(out, dict(runs=results, variants=variants, table=table, commit=macaw.git_commit(),
                                adaptations=args.adaptations, rule=args.rule))
-    print(f"wrote {out}")
+    plot(table, f"{cfg.env}, rule {args.rule}", out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png').name}")
 
 
 if __name__ == "__main__":
