@@ -134,7 +134,7 @@ def main(argv=None):
                 names.append((env, variant, seed))
     for env in args.envs:  # make any missing data first, once, before the runs start side by side
         macaw.ensure_data(macaw.Config(env=env, **extra).resolve(macaw.get_benchmark(env)), macaw.get_benchmark(env))
-    t0 = time.time()
+    t0, commit = time.time(), macaw.git_commit()  # the code the runs start with (each summary has its own)
     with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         outputs = list(pool.map(run_one, configs))
     results = []
@@ -145,7 +145,7 @@ def main(argv=None):
     results_dir.mkdir(parents=True, exist_ok=True)
     macaw.write_json(results_dir / f"{args.study}.json",
                      dict(study=args.study, steps=args.steps, seeds=args.seeds, jobs=args.jobs,
-                          wall_time_min=round((time.time() - t0) / 60, 1), commit=macaw.git_commit(), runs=results))
+                          wall_time_min=round((time.time() - t0) / 60, 1), commit=commit, runs=results))
     plot(results, args.envs, variants, results_dir / f"{args.study}.png")
     print(f"\n{args.study}: {args.steps} meta-steps, seeds {args.seeds}, {(time.time() - t0) / 60:.1f} min")
     print(f"{'env':>12} {'variant':>25} {'width':>6} {'pre-adapt':>10} {'adapted':>16} {'normalised':>16}")
