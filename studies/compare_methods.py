@@ -114,6 +114,7 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (1 torch thread each)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "studies"))
     parser.add_argument("--results", default=str(ROOT / "results" / "studies"))
+    parser.add_argument("--name", help="results/studies/<name>.json and .png (default: the study's name)")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="other Config fields for every run, e.g. data_dir=data (tests use tiny sizes)")
     args = parser.parse_args(argv)
@@ -143,10 +144,11 @@ def main(argv=None):
                             summary=summary, curve=curve))
     results_dir = Path(args.results)
     results_dir.mkdir(parents=True, exist_ok=True)
-    macaw.write_json(results_dir / f"{args.study}.json",
-                     dict(study=args.study, steps=args.steps, seeds=args.seeds, jobs=args.jobs,
+    name = args.name or args.study
+    macaw.write_json(results_dir / f"{name}.json",
+                     dict(study=args.study, variants=variants, steps=args.steps, seeds=args.seeds, jobs=args.jobs,
                           wall_time_min=round((time.time() - t0) / 60, 1), commit=commit, runs=results))
-    plot(results, args.envs, variants, results_dir / f"{args.study}.png")
+    plot(results, args.envs, variants, results_dir / f"{name}.png")
     print(f"\n{args.study}: {args.steps} meta-steps, seeds {args.seeds}, {(time.time() - t0) / 60:.1f} min")
     print(f"{'env':>12} {'variant':>25} {'width':>6} {'pre-adapt':>10} {'adapted':>16} {'normalised':>16}")
     for env in args.envs:
@@ -157,7 +159,7 @@ def main(argv=None):
             norm = [r["summary"]["mean_normalized"] for r in runs]
             print(f"{env:>12} {variant:>25} {runs[0]['net_width']:>6} {np.mean(pre):10.1f} "
                   f"{np.mean(post):8.1f} ± {np.std(post):5.1f} {np.mean(norm):8.2f} ± {np.std(norm):5.2f}")
-    print(f"wrote {results_dir / args.study}.json and .png")
+    print(f"wrote {results_dir / name}.json and .png")
 
 
 if __name__ == "__main__":

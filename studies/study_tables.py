@@ -87,9 +87,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", type=Path, default=ROOT / "results" / "studies")
     results = parser.parse_args(argv).results
-    for study in ("main", "ablation"):
-        if (results / f"{study}.json").exists():
-            comparison(results / f"{study}.json")
+    for path in [results / "main.json", results / "ablation.json", *sorted(results.glob("ablation_*.json"))]:
+        if path.exists():
+            comparison(path)
     for path in sorted(results.glob("consistency_*.json")):
         consistency(path)
     for path in sorted(results.glob("data_quality_*.json")):
