@@ -1095,6 +1095,37 @@ def test_compare_methods_study_runs_end_to_end_at_a_tiny_size(tmp_path, study, c
     assert f"| point-robot | {compare_methods.STUDIES[study][-1]} |" in capsys.readouterr().out
 
 
+def test_sigterm_to_a_comparison_study_stops_every_run_with_a_checkpoint(tmp_path):
+    """A real SIGTERM to studies/compare_methods.py reaches its worker processes: each run saves its
+    checkpoint and stops, no worker keeps running, and the same command continues the runs."""
+    import signal
+    import time
+    tiny = ["net_width=16", "latent_dim=8", "inner_batch=32", "outer_batch=32", "eval_batch=32",
+            "final_eval_rollouts=1", "eval_rollouts=1", "collector_steps=400", f"data_dir={tmp_path / 'data'}"]
+    cmd = [sys.executable, str(HERE / "studies" / "compare_methods.py"), "main", "--envs", "point-robot",
+           "--variants", "macaw", "meta-bc", "--seeds", "1", "--steps", "100000", "--eval-every", "20", "--jobs", "2",
+           "--out", str(tmp_path / "runs"), "--results", str(tmp_path), "--set", *tiny]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = [tmp_path / "runs" / f"point-robot-{v}-seed1" for v in ("macaw", "meta-bc")]
+    deadline = time.time() + 300
+    while not all((r / "checkpoint.pt").exists() for r in runs) and time.time() < deadline:
+        time.sleep(0.5)
+    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(workers) >= 2  # the two runs' processes (and spawn's resource tracker)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "the same command continues them" in output, output[-2000:]
+    time.sleep(1)
+    def running(pid):  # (a zombie has ended; only its exit status waits for the init process to read it)
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    assert not [pid for pid in workers if running(pid)]
+    steps = [torch.load(r / "checkpoint.pt", weights_only=False)["step"] for r in runs]
+    assert all(0 < s < 100000 for s in steps)
+
+
 def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path, capsys):
     sys.path.insert(0, str(HERE / "studies"))
     import adaptation_probe

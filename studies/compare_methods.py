@@ -17,6 +17,8 @@ import concurrent.futures
 import dataclasses
 import json
 import multiprocessing
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -72,9 +74,36 @@ def run_one(cfg):
     else:
         if (run_dir / "checkpoint.pt").exists():
             cfg = dataclasses.replace(macaw.Config(), resume=str(run_dir), steps=cfg.steps)
-        summary = macaw.train(cfg)
+        try:
+            summary = macaw.train(cfg)
+        except macaw.Interrupted:  # stopped by run_all (SIGTERM) or Ctrl-C: the run saved its checkpoint
+            os._exit(130)  # leave the worker pool at once rather than wait for more work
     records = [r for r in macaw.read_log(run_dir / "log.jsonl", summary["steps"]) if "eval" in r]
     return summary, records
+
+
+def run_all(configs, jobs):
+    """run_one for every config, `jobs` at a time in worker processes. Ctrl-C or SIGTERM to this process
+    reaches every worker: each run saves its checkpoint and stops (the same command continues them),
+    and no worker is left running."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        return list(pool.map(run_one, configs))
+    except KeyboardInterrupt:
+        workers = list(pool._processes.values())  # (no public handle on them)
+        for w in workers:
+            w.terminate()  # SIGTERM: macaw.train checkpoints after the current meta-step and stops
+        for w in workers:
+            w.join(timeout=120)
+            if w.is_alive():
+                w.kill()
+        raise SystemExit("stopped: every unfinished run saved its checkpoint; the same command continues them")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        signal.signal(signal.SIGTERM, previous)
 
 
 def mean_post(record):
@@ -136,8 +165,7 @@ def main(argv=None):
     for env in args.envs:  # make any missing data first, once, before the runs start side by side
         macaw.ensure_data(macaw.Config(env=env, **extra).resolve(macaw.get_benchmark(env)), macaw.get_benchmark(env))
     t0, commit = time.time(), macaw.git_commit()  # the code the runs start with (each summary has its own)
-    with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        outputs = list(pool.map(run_one, configs))
+    outputs = run_all(configs, args.jobs)
     results = []
     for (env, variant, seed), cfg, (summary, curve) in zip(names, configs, outputs):
         results.append(dict(env=env, variant=variant, seed=seed, net_width=cfg.net_width,
