@@ -1079,10 +1079,12 @@ def test_compare_methods_study_runs_end_to_end_at_a_tiny_size(tmp_path, study, c
     import compare_methods
     tiny = ["net_width=16", "latent_dim=8", "inner_batch=32", "outer_batch=32", "eval_batch=32",
             "final_eval_rollouts=1", "eval_rollouts=1", "collector_steps=400", f"data_dir={tmp_path / 'data'}"]
+    variants = [*compare_methods.STUDIES[study], *(["no-weight-transform-wide"] if study == "ablation" else [])]
     compare_methods.main([study, "--envs", "point-robot", "--seeds", "1", "--steps", "4", "--eval-every", "2",
-                          "--jobs", "2", "--out", str(tmp_path / "runs"), "--results", str(tmp_path), "--set", *tiny])
+                          "--jobs", "2", "--out", str(tmp_path / "runs"), "--results", str(tmp_path),
+                          "--variants", *variants, "--set", *tiny])
     out = json.loads((tmp_path / f"{study}.json").read_text())
-    assert {r["variant"] for r in out["runs"]} == set(compare_methods.STUDIES[study])
+    assert {r["variant"] for r in out["runs"]} == set(variants)
     assert all(len(r["curve"]) == 2 and r["summary"]["steps"] == 4 for r in out["runs"])
     assert (tmp_path / f"{study}.png").stat().st_size > 0
     if study == "ablation":  # the wide plain networks have (at least, and about) MACAW's parameter count
@@ -1092,7 +1094,7 @@ def test_compare_methods_study_runs_end_to_end_at_a_tiny_size(tmp_path, study, c
         assert count(weight_transform=False, net_width=width - 1) < count() <= count(weight_transform=False, net_width=width)
     import study_tables
     study_tables.main(["--results", str(tmp_path)])
-    assert f"| point-robot | {compare_methods.STUDIES[study][-1]} |" in capsys.readouterr().out
+    assert f"| point-robot | {variants[-1]} |" in capsys.readouterr().out
 
 
 def test_sigterm_to_a_comparison_study_stops_every_run_with_a_checkpoint(tmp_path):
