@@ -143,7 +143,8 @@ def summary_table(results, variants):
 
 def plot(table, title, path):
     """Normalised score (mean over seeds, bars/bands: ± std): against the number of rows, one line per method
-    and step count, where several batch sizes were probed; else grouped bars per adaptation-data source."""
+    and step count, where several batch sizes were probed; else grouped bars per adaptation-data source
+    (hatched, with the share, where adaptations diverged: the bar is the score of the rest)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -165,8 +166,13 @@ def plot(table, title, path):
                 width = 0.8 / (len(variants) * len(steps))
                 offset = (i * len(steps) + j) * width - 0.4 + width / 2
                 xs = [sources.index(r["source"]) + offset for r in rows]
-                ax.bar(xs, [r["normalised_mean"] for r in rows], width, yerr=[r["normalised_std"] for r in rows],
-                       color=f"C{i}", alpha=1 - 0.35 * j, label=label)
+                bars = ax.bar(xs, [r["normalised_mean"] for r in rows], width, yerr=[r["normalised_std"] for r in rows],
+                              color=f"C{i}", alpha=1 - 0.35 * j, label=label)
+                for bar, r in zip(bars, rows):  # a score of the few that did not diverge: marked, with the share
+                    if r["diverged"]:
+                        bar.set_hatch("///")
+                        ax.text(bar.get_x() + bar.get_width() / 2, 0.02, f"{r['diverged']:.0%} diverged",
+                                rotation=90, ha="center", va="bottom", fontsize=6)
     if len(sizes) > 1:
         ax.set(xscale="log", xlabel=f"adaptation transitions ({sources[0]})")
         ax.set_xticks(sizes, [str(n) for n in sizes])
