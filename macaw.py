@@ -189,7 +189,7 @@ class Config:
         for name in ("steps", "eval_every", "collector_steps", "collector_width"):
             if getattr(self, name) == -1:
                 setattr(self, name, bench.defaults[name])
-        self.collector_design = self.collector_design or bench.defaults.get("collector_design", "per-task")
+        self.collector_design = self.collector_design or bench.defaults["collector_design"]
         if self.collector_design not in ("per-task", "shared"):
             raise UserError(f"unknown --collector-design {self.collector_design!r}; choose per-task or shared")
         if self.method not in METHODS:
@@ -367,6 +367,9 @@ class Benchmark:
     test_ids: tuple
     collector: str  # "sac" (a from-scratch agent's replay buffer) or "scripted" (annealed noise)
     defaults: dict  # steps, eval_every, collector_steps, collector_width (and collector_design if not per-task)
+
+    def __post_init__(self):
+        self.defaults.setdefault("collector_design", "per-task")  # so every benchmark names its design
 
 
 def _point_goals(n=25, n_test=5):
@@ -1546,7 +1549,7 @@ def command_line(cfg, bench):
     parts = ["python macaw.py"]
     for f in dataclasses.fields(Config):
         value = getattr(cfg, f.name)
-        default = bench.defaults.get(f.name, "per-task" if f.name == "collector_design" else f.default)
+        default = bench.defaults.get(f.name, f.default)
         if f.name == "resume" or value == default or (f.name == "run_name" and value == default_run_name(cfg)):
             continue
         if isinstance(value, bool):
@@ -1612,6 +1615,11 @@ def load_resume_config(cfg):
               f"{', '.join(f'{flag_name(f.name)} {getattr(cfg, f.name)}' for f in given)}")
     saved["steps"] = cfg.steps if cfg.steps != -1 else saved["steps"]
     saved.update(resume=cfg.resume, out=str(run_dir.parent), run_name=run_dir.name)
+    return saved_config(saved)
+
+
+def saved_config(saved):
+    """A Config from a run's config.json, leaving out fields that later versions retired."""
     return Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
 
 

@@ -75,8 +75,7 @@ def load_run(run_dir, data_dir=None):
     """A trained run's config, benchmark, data and final meta-parameters."""
     if not (run_dir / "summary.json").exists():
         raise SystemExit(f"{run_dir} holds no finished run (no summary.json); finish it first (macaw.py --resume)")
-    saved = json.loads((run_dir / "config.json").read_text())  # (older runs may hold retired fields)
-    cfg = macaw.Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(macaw.Config)}})
+    cfg = macaw.saved_config(json.loads((run_dir / "config.json").read_text()))
     cfg.data_dir = data_dir or cfg.data_dir
     bench = macaw.get_benchmark(cfg.env)
     data = macaw.load_benchmark_data(cfg, bench)
@@ -139,6 +138,11 @@ def summary_table(results, variants):
                              normalised_std=float(np.std(scores)) if scores else None,
                              diverged=sum(x is None for x in returns) / len(returns)))
     return rows
+
+
+def score_text(row):
+    """A table row's score as the tables print it: mean ± std over runs, or a dash where all diverged."""
+    return "—" if row["normalised_mean"] is None else f"{row['normalised_mean']:.2f} ± {row['normalised_std']:.2f}"
 
 
 def plot(table, title, path):
@@ -226,8 +230,7 @@ def main(argv=None):
           f"(diverged adaptations left out of the score and counted apart)")
     print("| method | adaptation data | rows | steps | normalised | runs | diverged |\n|---|---|---|---|---|---|---|")
     for row in table:
-        score = "—" if row["normalised_mean"] is None else f"{row['normalised_mean']:.2f} ± {row['normalised_std']:.2f}"
-        print(f"| {row['variant']} | {row['source']} | {row['batch']} | {row['steps']} | {score} | {row['runs']} "
+        print(f"| {row['variant']} | {row['source']} | {row['batch']} | {row['steps']} | {score_text(row)} | {row['runs']} "
               f"| {row['diverged']:.0%} |")
     out = args.results / f"{args.name}_{cfg.env}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
