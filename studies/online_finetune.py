@@ -64,6 +64,14 @@ def online_curve(model, cfg, data, env, episodes, inner_steps, seed, rule="adam"
     return env_steps, returns
 
 
+def method_returns(results):
+    """{method: array (runs x rounds)}: each run's return after each round, averaged over its test
+    tasks and online runs (what the table, the figure and studies/study_tables.py show)."""
+    methods = dict.fromkeys(res["method"] for res in results.values())
+    return {m: np.array([np.mean([r for task in res["curves"].values() for _, r in task], axis=0)
+                         for res in results.values() if res["method"] == m]) for m in methods}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -92,9 +100,7 @@ def main(argv=None):
     print(f"\n{cfg.env}, rule {args.rule}: mean return over test tasks, then mean ± std over runs")
     print("| method | runs | " + " | ".join(f"after {e} episodes" for e in range(args.episodes + 1)) + " |")
     print("|---|---|" + "---|" * (args.episodes + 1))
-    for method in dict.fromkeys(res["method"] for res in results.values()):
-        per_run = np.array([np.mean([r for c in res["curves"].values() for _, r in c], axis=0)
-                            for res in results.values() if res["method"] == method])
+    for method, per_run in method_returns(results).items():
         print(f"| {method} | {len(per_run)} | " + " | ".join(f"{m:.0f} ± {sd:.0f}" for m, sd in
                                                              zip(per_run.mean(0), per_run.std(0))) + " |")
     out = args.results / f"online_finetune_{cfg.env}.json"
@@ -110,13 +116,10 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    methods = list(dict.fromkeys(res["method"] for res in results.values()))
-    for n, method in enumerate(methods):  # mean over seeds (runs) of the mean over test tasks; band: seeds' range
-        runs = [res for res in results.values() if res["method"] == method]
-        per_run = [[c for task in res["curves"].values() for c in task] for res in runs]
-        steps = np.mean([s for curves in per_run for s, _ in curves], axis=0)
-        returns = np.array([np.mean([r for _, r in curves], axis=0) for curves in per_run])
-        ax.plot(steps, returns.mean(0), color=f"C{n}", label=f"{method} ({len(runs)} runs)")
+    for n, (method, returns) in enumerate(method_returns(results).items()):  # mean over runs; band: their range
+        steps = np.mean([s for res in results.values() if res["method"] == method
+                         for task in res["curves"].values() for s, _ in task], axis=0)
+        ax.plot(steps, returns.mean(0), color=f"C{n}", label=f"{method} ({len(returns)} runs)")
         ax.fill_between(steps, returns.min(0), returns.max(0), color=f"C{n}", alpha=0.12, lw=0)
     ax.set(xlabel="online environment steps (mean over test tasks)", ylabel="episode return",
            title="online fine-tuning after offline adaptation")

@@ -10,11 +10,15 @@ online (online_finetune.py): the mean return over test tasks after 0, 1, 2, 5 an
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "studies"))
+from adaptation_probe import score_text  # noqa: E402
+from online_finetune import method_returns  # noqa: E402
 
 
 def pm(xs, fmt="{:.0f}"):
@@ -42,8 +46,7 @@ def cell(rows, **where):
     row = next((r for r in rows if all(r[k] == v for k, v in where.items())), None)
     if row is None:
         return ""
-    score = "—" if row["normalised_mean"] is None else f"{row['normalised_mean']:.2f} ± {row['normalised_std']:.2f}"
-    return score + (f" ({row['diverged']:.0%} diverged)" if row["diverged"] else "")
+    return score_text(row) + (f" ({row['diverged']:.0%} diverged)" if row["diverged"] else "")
 
 
 def consistency(path):
@@ -76,10 +79,7 @@ def online(path):
     print(f"\n{path.stem} (rule {res['rule']}, {res['repeats']} online runs per task and seed, commit {res['commit']})")
     print("| method | runs | " + " | ".join(f"after {e}" for e in episodes) + " |")
     print("|---|---|" + "---|" * len(episodes))
-    runs = res["runs"].values()
-    for method in dict.fromkeys(r["method"] for r in runs):
-        per_run = np.array([np.mean([ret for c in r["curves"].values() for _, ret in c], axis=0)
-                            for r in runs if r["method"] == method])
+    for method, per_run in method_returns(res["runs"]).items():
         print(f"| {method} | {len(per_run)} | " + " | ".join(pm(per_run[:, e]) for e in episodes) + " |")
 
 
