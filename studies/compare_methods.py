@@ -60,7 +60,7 @@ VARIANTS = {  # name -> the Config changes that make it
 STUDIES = {"main": ("macaw", "meta-bc", "mt-awr"),
            "ablation": ("macaw", "no-adv-head", "no-weight-transform")}
 # no-weight-transform-wide (plain layers with MACAW's parameter count) is asked for by name: its meta-step
-# is ~10x slower than MACAW's on a CPU (full-rank 1094 x 1094 inner updates per task), so 3 seeds x 2
+# was ~16x slower per step than MACAW's here on a CPU (full-rank 1094 x 1094 inner updates per task), so 3 seeds x 2
 # benchmarks would not fit the hour; the README gives one seed on cheetah-dir.
 
 
