@@ -147,31 +147,37 @@ def peak_memory_mb(path, tasks, device):
     return float(out.split()[-1])
 
 
-def collector_worker(task_ids, steps, random_steps, width=128):
+def collector_worker(task_ids, steps, random_steps, width=128, shared=False):
     """One collector process: cheetah-dir-style tasks (task k runs direction k % 2) in lock-step, seeded
     as ensure_data seeds a group (its first task id). Returns (CPU seconds, each collector's return)."""
     torch.set_num_threads(1)
     bench = macaw.BENCHMARKS["cheetah-dir"]
     envs = [macaw.make_task_env(bench, k % 2) for k in task_ids]
     start = time.process_time()
-    datas = macaw.collect_sac(envs, steps, task_ids[0], random_steps=random_steps, width=width)
+    datas = macaw.collect_sac(envs, steps, task_ids[0], random_steps=random_steps, width=width, shared=shared)
     return time.process_time() - start, [float(d["collector_return"]) for d in datas]
 
 
-def run_collectors(groups, steps, random_steps, width=128):
+def run_collectors(groups, steps, random_steps, width=128, shared=False):
     """One worker process per group of task ids, as ensure_data runs them: (wall seconds, results)."""
     with multiprocessing.get_context("spawn").Pool(len(groups)) as pool:
         start = time.perf_counter()
-        results = pool.starmap(collector_worker, [(g, steps, random_steps, width) for g in groups])
+        results = pool.starmap(collector_worker, [(g, steps, random_steps, width, shared) for g in groups])
         return time.perf_counter() - start, results
 
 
-def collector_env_steps_per_second(tasks, steps, random_steps=200, width=128):
+def collector_env_steps_per_second(tasks, steps, random_steps=200, width=128, shared=False):
     """Env steps per second of the whole collector (one process per core, as ensure_data runs it),
     including the random-action warm-up and the final evaluation episodes."""
     groups = [g.tolist() for g in np.array_split(range(tasks), min(multiprocessing.cpu_count(), tasks))]
-    wall, _ = run_collectors(groups, steps, random_steps, width)
+    wall, _ = run_collectors(groups, steps, random_steps, width, shared)
     return tasks * steps / wall
+
+
+# The collector settings timed: (tasks, design, width). 2 tasks as cheetah-dir makes its data; 40 tasks with
+# each design at the width its benchmarks use (per-task 64: ant-dir, walker-params; shared 256: cheetah-vel),
+# and per-task 128 beside them, the width the first 40-task measurement used.
+COLLECTOR_SETTINGS = [(2, "per-task", 128), (40, "per-task", 128), (40, "per-task", 64), (40, "shared", 256)]
 
 
 def record(kind, **fields):
@@ -244,11 +250,11 @@ def main():
         print(f"  {p:>6}: {mb:.0f} MB")
         records.append(record("memory", tasks=5, path=p, peak_mb=round(mb, 1)))
     if not args.no_collector:
-        print(f"\ndata collector (SAC width 128, {args.collector_steps} steps per task, 200 of them random):")
-        for tasks in (2, 40):
-            rate = collector_env_steps_per_second(tasks, args.collector_steps)
-            print(f"  {tasks:>3} tasks: {rate:.0f} env steps/s in total", flush=True)
-            records.append(record("collector", tasks=tasks, env_steps_per_s=round(rate, 1)))
+        print(f"\ndata collector (SAC, {args.collector_steps} steps per task, 200 of them random, one worker per core):")
+        for tasks, design, width in COLLECTOR_SETTINGS:
+            rate = collector_env_steps_per_second(tasks, args.collector_steps, width=width, shared=design == "shared")
+            print(f"  {tasks:>3} tasks, {design:>8} width {width:>3}: {rate:.0f} env steps/s in total", flush=True)
+            records.append(record("collector", tasks=tasks, design=design, width=width, env_steps_per_s=round(rate, 1)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     macaw.write_json(args.out, records)
     print(f"wrote {args.out}")
