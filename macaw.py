@@ -97,6 +97,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -254,6 +255,17 @@ def parse_config(argv=None):
 # 2. Tasks. A benchmark = an env whose reward depends on a task parameter + train/test task lists.
 #    Adding one: write its env (with set_task), add a Benchmark entry to BENCHMARKS.
 # ================================================================================================
+def mujoco_warning(message):
+    """MuJoCo's warnings go to stderr (by default they also go to a MUJOCO_LOG.TXT in the current folder),
+    except one: MuJoCo 4 warns, at every HalfCheetah it builds, that gymnasium's half_cheetah.xml uses the
+    deprecated 'settotalmass' attribute (it still works). With 40 tasks that was 40 lines of noise per run."""
+    if "settotalmass" not in message:
+        print(f"MuJoCo warning: {message}", file=sys.stderr)
+
+
+mujoco.set_mju_user_warning(mujoco_warning)
+
+
 class TaskEnv(gym.Wrapper):
     """A gymnasium v5 MuJoCo env with 200-step episodes whose reward (or dynamics) depends on a task
     parameter set by set_task. Subclasses say which env, and how the task enters."""

@@ -348,6 +348,15 @@ def test_cheetah_dir_tasks_have_opposite_rewards():
     assert np.sign(np.sum(r_fwd + ctrl)) == -np.sign(np.sum(r_bwd + ctrl)) != 0
 
 
+def test_mujoco_warnings_reach_stderr_but_not_the_settotalmass_one(capfd, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MuJoCo's own handler would write MUJOCO_LOG.TXT here
+    macaw.make_task_env(macaw.BENCHMARKS["cheetah-vel"], 0).reset(seed=0)  # half_cheetah.xml: 'settotalmass'
+    macaw.mujoco_warning("Nan, Inf or huge value in QACC at DOF 0")
+    err = capfd.readouterr().err
+    assert "settotalmass" not in err and "MuJoCo warning: Nan, Inf" in err
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+
+
 def body_xy(env):
     """Cheetah and walker: the root's x (qpos[0], as the authors' envs); ant: the torso's x, y (as gymnasium's)."""
     data = env.unwrapped.data
