@@ -97,7 +97,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gymnasium as gym
-import mujoco
 import numpy as np
 import torch
 import torch.nn as nn
@@ -109,6 +108,10 @@ try:
     import fcntl  # OS file locks (Linux, macOS)
 except ImportError:  # Windows
     fcntl = None
+try:
+    import mujoco  # the MuJoCo benchmarks; point-robot runs without it
+except ImportError:
+    mujoco = None
 
 DATA_FORMAT_VERSION = 1
 
@@ -263,7 +266,8 @@ def mujoco_warning(message):
         print(f"MuJoCo warning: {message}", file=sys.stderr)
 
 
-mujoco.set_mju_user_warning(mujoco_warning)
+if mujoco is not None:
+    mujoco.set_mju_user_warning(mujoco_warning)
 
 
 class TaskEnv(gym.Wrapper):
