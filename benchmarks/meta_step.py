@@ -174,10 +174,15 @@ def collector_env_steps_per_second(tasks, steps, random_steps=200, width=128, sh
     return tasks * steps / wall
 
 
-# The collector settings timed: (tasks, design, width). 2 tasks as cheetah-dir makes its data; 40 tasks with
-# each design at the width its benchmarks use (per-task 64: ant-dir, walker-params; shared 256: cheetah-vel),
-# and per-task 128 beside them, the width the first 40-task measurement used.
-COLLECTOR_SETTINGS = [(2, "per-task", 128), (40, "per-task", 128), (40, "per-task", 64), (40, "shared", 256)]
+def collector_settings():
+    """The collector settings timed, (tasks, design, width), read from the benchmarks' defaults: 2 tasks as
+    cheetah-dir makes its data; 40 tasks with each design and width the many-task benchmarks use (today
+    per-task 64: ant-dir, walker-params; shared 256: cheetah-vel), and per-task 128 beside them, the width
+    the first 40-task measurement used."""
+    def setting(bench):
+        return bench.defaults["collector_design"], bench.defaults["collector_width"]
+    many = {setting(b) for b in macaw.BENCHMARKS.values() if b.collector == "sac" and len(b.tasks) > 2}
+    return [(2, *setting(macaw.BENCHMARKS["cheetah-dir"]))] + [(40, *s) for s in sorted(many | {("per-task", 128)})]
 
 
 def record(kind, **fields):
@@ -251,7 +256,7 @@ def main():
         records.append(record("memory", tasks=5, path=p, peak_mb=round(mb, 1)))
     if not args.no_collector:
         print(f"\ndata collector (SAC, {args.collector_steps} steps per task, 200 of them random, one worker per core):")
-        for tasks, design, width in COLLECTOR_SETTINGS:
+        for tasks, design, width in collector_settings():
             rate = collector_env_steps_per_second(tasks, args.collector_steps, width=width, shared=design == "shared")
             print(f"  {tasks:>3} tasks, {design:>8} width {width:>3}: {rate:.0f} env steps/s in total", flush=True)
             records.append(record("collector", tasks=tasks, design=design, width=width, env_steps_per_s=round(rate, 1)))
