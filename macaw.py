@@ -173,6 +173,9 @@ class Config:
                                  "readable loop over tasks; same result, slower)")
     plain_inner_step: bool = arg(False, "take the inner step in its plain form, which forms the stepped "
                                         "copy of every T (same result, slower; see fast_sgd_step)")
+    merge_transform_gradients: bool = arg(True, "with vmap and the fast inner step, form each T's meta-gradient "
+                                                "in one matrix product (merged_transform_losses; "
+                                                "--no-merge-transform-gradients: autograd's own, same result, slower)")
     finetune_steps: int = arg(20, "mt-awr only: Adam steps on the test task's batch at test time (at the outer lrs)")
     # --- evaluation
     eval_batch: int = arg(256, "offline transitions of a test task given for adaptation")
@@ -763,9 +766,11 @@ def inner_policy_loss(policy, pparams, raw_adv_coef, batch, adv, cfg):
 #    Equations, and they run in that order: `adapt` does (1)-(4) on the inner batch, then
 #    `task_meta_losses` does (5) and (6) on the outer batch, recomputing (2)-(3) there with phi'.
 # ================================================================================================
-def sgd_step(params, grads, raw_lrs, fraction=1.0):
+def sgd_step(params, grads, raw_lrs, fraction=1.0, probes=None):
     """One inner step, each tensor with its own learned step size: p' = p - softplus(l_j) * g_j.
-    fraction < 1 stops part-way: with fraction 1 - 0.9 it gives the target mix phibar of (5)."""
+    fraction < 1 stops part-way: with fraction 1 - 0.9 it gives the target mix phibar of (5).
+    (probes belong to the fast form only: TransformProbes.)"""
+    assert probes is None
     return {k: p - fraction * F.softplus(l) * grads[k] for (k, p), l in zip(params.items(), raw_lrs)}
 
 
@@ -783,10 +788,12 @@ def is_transform_matrix(name):
     return name.endswith(".fc.weight")  # T of a WLinear (plain nn.Linear weights are named "<layer>.weight")
 
 
-def fast_sgd_step(params, grads, raw_lrs, fraction=1.0):
+def fast_sgd_step(params, grads, raw_lrs, fraction=1.0, probes=None):
     """sgd_step without the stepped copy of T: each WLinear becomes (z', T, c''); other tensors as in sgd_step.
-    `grads` needs no entry for the T's."""
+    `grads` needs no entry for the T's. probes: see TransformProbes (the default path's merged dJ/dT)."""
     lr = {k: fraction * F.softplus(l) for k, l in zip(params, raw_lrs)}
+    if probes is not None:
+        grads = probes.at_z_gradients(grads)
     stepped = {}
     for k, p in params.items():
         if is_transform_matrix(k):
@@ -797,7 +804,7 @@ def fast_sgd_step(params, grads, raw_lrs, fraction=1.0):
             stepped[k] = p - (lr[k] + lr[layer + "fc.weight"] * (z @ z_new)) * grads[k]
         else:
             stepped[k] = p - lr[k] * grads[k]
-    return stepped
+    return stepped if probes is None else probes.at_adapted(grads, stepped)
 
 
 def inner_gradients(loss_fn, params, cfg):
@@ -810,12 +817,13 @@ def inner_gradients(loss_fn, params, cfg):
     return grad(lambda p: loss_fn({**p, **fixed}), has_aux=True)(wrt)
 
 
-def adapt(model, vparams, pparams, inner, cfg):
+def adapt(model, vparams, pparams, inner, cfg, probes=(None, None)):
     """MACAW's inner loop on one task's inner batch: one value step, then one policy step.
 
     Differentiable (torch.func.grad keeps the graph), so the outer loss can reach the meta-params
     through the adapted params: the full second-order MAML gradient. Returns the adapted value params
     phi', the adapted policy params theta', the target mix phibar of (5) and the inner losses.
+    probes: the (value, policy) TransformProbes of the default path's merged dJ/dT, or None.
     """
     step = sgd_step if cfg.plain_inner_step else fast_sgd_step
     if cfg.method == "meta-bc":  # no rewards: no value step, and the policy step clones the batch's actions
@@ -823,14 +831,14 @@ def adapt(model, vparams, pparams, inner, cfg):
             loss = bc_loss(model.policy, p, inner, cfg)
             return loss, loss.detach()
         p_grads, inner_pi = inner_gradients(bc_step_loss, pparams, cfg)
-        return vparams, step(pparams, p_grads, model.raw_policy_lrs), vparams, dict(inner_policy=inner_pi)
+        return vparams, step(pparams, p_grads, model.raw_policy_lrs, probes=probes[1]), vparams, dict(inner_policy=inner_pi)
 
     def value_step_loss(p):  # (1) L_V = mean (V_phi(s) - mc_return)^2: plain Monte-Carlo regression
         loss = value_loss(model.value, p, inner, inner["mc_return"])
         return loss, loss.detach()
 
     v_grads, inner_v = inner_gradients(value_step_loss, vparams, cfg)
-    adapted_v = step(vparams, v_grads, model.raw_value_lrs)  # phi' = phi - alpha_V * grad
+    adapted_v = step(vparams, v_grads, model.raw_value_lrs, probes=probes[0])  # phi' = phi - alpha_V * grad
     # phibar = 0.9 phi + 0.1 phi' = phi - 0.1 alpha_V * grad: a fresh, gradient-free target (no target network)
     target_v = {k: p.detach() for k, p in step(vparams, v_grads, model.raw_value_lrs, 1 - cfg.target_vf_alpha).items()}
     adv = advantages(model.value, adapted_v, inner)  # (2) from the ADAPTED value function, no gradient
@@ -840,14 +848,14 @@ def adapt(model, vparams, pparams, inner, cfg):
         return loss, (loss.detach(), head.detach())
 
     p_grads, (inner_pi, head) = inner_gradients(policy_step_loss, pparams, cfg)
-    adapted_p = step(pparams, p_grads, model.raw_policy_lrs)  # theta' = theta - alpha_pi * grad
+    adapted_p = step(pparams, p_grads, model.raw_policy_lrs, probes=probes[1])  # theta' = theta - alpha_pi * grad
     return adapted_v, adapted_p, target_v, dict(inner_value=inner_v, inner_policy=inner_pi, inner_head=head)
 
 
-def task_meta_losses(model, vparams, pparams, inner, outer, cfg):
+def task_meta_losses(model, vparams, pparams, inner, outer, cfg, probes=(None, None)):
     """One task's outer losses (the meta-objective), evaluated at the adapted params. Returns a dict
     of scalars: outer_value and outer_policy carry gradients, the rest are for logging."""
-    adapted_v, adapted_p, target_v, stats = adapt(model, vparams, pparams, inner, cfg)
+    adapted_v, adapted_p, target_v, stats = adapt(model, vparams, pparams, inner, cfg, probes)
     if cfg.method == "meta-bc":  # the adapted policy clones the outer batch; no value function
         return dict(outer_value=torch.zeros(()), outer_policy=bc_loss(model.policy, adapted_p, outer, cfg), **stats)
     # (5) Outer value loss at phi' against mc_return + gamma^(T-t) V_phibar(s_T).
@@ -866,6 +874,8 @@ def meta_losses(model, batches, cfg):
     to (tasks, B, ...) and the same function is mapped over them with torch.func.vmap, which turns the
     tasks' many matrix-vector products with the shared T's into matrix products (1.4x faster than the
     loop at 2 tasks, 2.4x at 5, README "Speed"). A test checks both give the same gradients.
+    On that path each T's meta-gradient is formed by a hook that backward() runs (merged_transform_losses),
+    so use backward(), not torch.autograd.grad (or set cfg.merge_transform_gradients = False).
     """
     vparams, pparams = model.params()
     per_task = lambda inner, outer: task_meta_losses(model, vparams, pparams, inner, outer, cfg)
@@ -873,9 +883,89 @@ def meta_losses(model, batches, cfg):
         per_task = lambda inner, outer: multitask_losses(model, vparams, pparams, outer, cfg)
     if cfg.vmap_tasks:
         stack = lambda i: {k: torch.stack([b[i][k] for b in batches]) for k in BATCH_FIELDS}
+        if (cfg.merge_transform_gradients and cfg.method != "mt-awr" and cfg.weight_transform
+                and not cfg.plain_inner_step and torch.is_grad_enabled()):
+            return merged_transform_losses(model, stack(0), stack(1), cfg)
         return vmap(per_task)(stack(0), stack(1))
     losses = [per_task(inner, outer) for inner, outer in batches]
     return {k: torch.stack([l[k] for l in losses]) for k in losses[0]}
+
+
+# The default path (vmap + fast form) also forms each T's META-gradient in one matrix product. In the fast
+# form, T enters J only through matrix-vector products: theta = T z + c before the step, dL/dz = T^T G in the
+# inner gradient, theta' = T z' + c'' after it. Each product y = T x adds (dJ/dy) x^T to dJ/dT (for
+# y = T^T G: G (dJ/dy)^T), and autograd writes every one of these 1 M-number outer products separately and
+# then adds them up: at 5 tasks about a third of the step, spent moving memory, not computing (README
+# "Speed"). So that path uses T detached (autograd leaves it alone) and adds a zero "probe" tensor to
+# each product's output; backward() fills each probe's .grad with dJ/dy, and a hook that the same
+# backward() runs forms dJ/dT = sum_uses (dJ/dy) x^T as ONE product of two thin matrices
+# (merged_transform_losses). Tests check it against the plain form and the authors' recorded step.
+class TransformProbes:
+    """One task's probes for one network (dicts WLinear layer prefix -> zero tensor): at dL/dz (added to the
+    inner gradient of z) and at theta' (added to c''). The probe at theta is added to c itself, outside the
+    vmap (merged_transform_losses). fast_sgd_step fills `factors`: each layer's G = dL/dc and z'."""
+
+    def __init__(self, at_z_gradient, at_adapted_weights):
+        self.at_z_gradient, self.at_adapted_weights, self.factors = at_z_gradient, at_adapted_weights, {}
+
+    def at_z_gradients(self, grads):
+        return {**grads, **{l + "z": grads[l + "z"] + p for l, p in self.at_z_gradient.items()}}
+
+    def at_adapted(self, grads, stepped):
+        for l in self.at_adapted_weights:
+            self.factors[l] = (grads[l + "fc.bias"].detach(), stepped[l + "z"].detach())
+        return {**stepped, **{l + "fc.bias": stepped[l + "fc.bias"] + p for l, p in self.at_adapted_weights.items()}}
+
+
+def wlinear_layers(params):
+    """Prefixes ('seq.fc_0.', ...) of the WLinear layers in a params dict."""
+    return [k[:-len("fc.weight")] for k in params if is_transform_matrix(k)]
+
+
+def merged_transform_losses(model, inner, outer, cfg):
+    """meta_losses of the default path: vmap over the stacked tasks with every T used detached, and a hook
+    that backward() runs to form each T's meta-gradient as one matrix product (see TransformProbes)."""
+    tasks, device = len(inner["obs"]), inner["obs"].device
+    zeros = lambda *shape: torch.zeros(*shape, device=device, requires_grad=True)
+    nets = model.params()  # (value, policy) dicts
+    probes = [{l: dict(theta=zeros(len(p[l + "fc.bias"])), z=zeros(tasks, len(p[l + "z"])),
+                       adapted=zeros(tasks, len(p[l + "fc.bias"]))) for l in wlinear_layers(p)} for p in nets]
+    probed = [{k: p.detach() if is_transform_matrix(k) else p for k, p in params.items()} for params in nets]
+    for params, layer_probes in zip(probed, probes):  # c + p_theta
+        for l, p in layer_probes.items():
+            params[l + "fc.bias"] = params[l + "fc.bias"] + p["theta"]
+
+    def per_task(inner, outer, at_z, at_adapted):
+        task_probes = [TransformProbes(z, a) for z, a in zip(at_z, at_adapted)]
+        losses = task_meta_losses(model, *probed, inner, outer, cfg, task_probes)
+        return losses, [p.factors for p in task_probes]
+
+    pick = lambda key: [{l: p[key] for l, p in layer_probes.items()} for layer_probes in probes]
+    losses, factors = vmap(per_task)(inner, outer, pick("z"), pick("adapted"))
+    order = [(net, l, key) for net in range(2) for l in probes[net] for key in ("theta", "z", "adapted")]
+
+    def merge(grads):  # dJ/dT = sum over T's uses y = T x of (dJ/dy) x^T, as one product per T
+        g = dict(zip(order, grads))  # None where a probe did not reach J
+        for net, params in enumerate(nets):
+            for l in probes[net]:
+                z = params[l + "z"].detach()
+                if g[net, l, "theta"] is not None and l not in factors[net]:
+                    raise RuntimeError(f"merged T gradients: the inner step of {l} took no probes; an edited adapt "
+                                       f"must pass them to the step as macaw.adapt does, or set "
+                                       f"cfg.merge_transform_gradients = False (--no-merge-transform-gradients)")
+                G, z_new = factors[net].get(l, (None, None))  # (tasks, P), (tasks, latent)
+                terms = [(g[net, l, "theta"], z),  # dJ/dtheta + dJ/dtheta' (c'' is built from c + p_theta) ...
+                         (g[net, l, "adapted"], None if z_new is None else z_new - z),  # ... hence z' - z here
+                         (G, g[net, l, "z"])]  # y = dL/dz = T^T G adds G (dJ/dy)^T
+                terms = [(a, b) for a, b in terms if a is not None and b is not None]
+                if terms:
+                    left = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in terms])  # (uses, P)
+                    right = torch.cat([b.reshape(-1, b.shape[-1]) for _, b in terms])  # (uses, latent)
+                    T = params[l + "fc.weight"]
+                    T.grad = left.t() @ right if T.grad is None else T.grad + left.t() @ right
+
+    torch.autograd.graph.register_multi_grad_hook([probes[net][l][key] for net, l, key in order], merge)
+    return losses
 
 
 # The multi-task baseline (--method mt-awr; Meta-BC is the two meta-bc branches above). One value function
@@ -974,7 +1064,9 @@ def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor"):
     """--compile: (meta-parameters, batches) -> (dJ/dparams, (J, losses)) as ONE pure function,
     torch.func.grad of J, compiled with torch.compile. Same numbers as backward() (to ~1e-6), ~1.4x
     faster after a minute or two of compiling (README "Speed"); never needed for correctness.
-    (torch.compile cannot trace autograd's double backward, which meta_train_step's backward() uses.)"""
+    (torch.compile cannot trace autograd's double backward, which meta_train_step's backward() uses.
+    torch.func.grad differentiates J itself, so T must not be detached: no merged T gradients.)"""
+    cfg = dataclasses.replace(cfg, merge_transform_gradients=False)
     def objective(params, batches):  # MACAW.forward is meta_objective, with these params in the model
         total, stats = functional_call(model, params, (batches, n_train_tasks, cfg))
         return total, (total.detach(), stats)  # (what grad differentiates, what it passes through)

@@ -65,13 +65,17 @@ def fixture_batches(fx):
     return [(convert(b["inner"]), convert(b["outer"])) for b in fx["batches"]]
 
 
-@pytest.mark.parametrize("vmap_tasks", [False, True], ids=["loop", "vmap"])
-@pytest.mark.parametrize("plain_inner_step", [False, True], ids=["fast", "plain"])
-def test_reproduces_authors_meta_step(fx, vmap_tasks, plain_inner_step):
+PATHS = {"fast-loop": dict(vmap_tasks=False), "plain-loop": dict(vmap_tasks=False, plain_inner_step=True),
+         "fast-vmap-merged (default)": {}, "fast-vmap": dict(merge_transform_gradients=False),
+         "plain-vmap": dict(plain_inner_step=True)}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_reproduces_authors_meta_step(fx, path):
     torch.set_num_threads(2)  # the fixture was recorded with 2 threads
     try:
         settings = fx["settings"]  # the authors' standard.json values (this project's value lr differs)
-        cfg = small_config(vmap_tasks=vmap_tasks, plain_inner_step=plain_inner_step, device=DEVICE,
+        cfg = small_config(**PATHS[path], device=DEVICE,
                            outer_value_lr=settings["outer_value_lr"],
                            outer_policy_lr=settings["outer_policy_lr"], outer_log_lr_lr=settings["log_lr_lr"])
         model = fixture_model(fx, cfg)
@@ -311,6 +315,42 @@ def test_loop_and_vmap_give_the_same_meta_gradient():
     grads = [meta_gradient(small_config(vmap_tasks=vmap_tasks, device=DEVICE), batches)[0] for vmap_tasks in (False, True)]
     for name, g in grads[0].items():
         assert ((grads[1][name] - g).norm() / g.norm()).item() < 1e-4, name
+
+
+@pytest.mark.parametrize("method", ["macaw", "meta-bc"])
+def test_merged_transform_gradients_equal_autograds_own(method):
+    """The default path forms each T's meta-gradient in one product from probes (merged_transform_losses);
+    autograd through the same vmapped fast form (merge off) must give the same gradients, also when
+    backward() reaches only part of the losses (probes that J does not reach)."""
+    batches = [(random_batch(32, seed=2 * t), random_batch(32, seed=2 * t + 1)) for t in range(3)]
+    for keys in (("outer_value", "outer_policy"), ("outer_policy",)):
+        grads = []
+        for merge in (True, False):
+            torch.manual_seed(0)
+            cfg = small_config(method=method, device=DEVICE, merge_transform_gradients=merge)
+            model = macaw.MACAW(5, 2, cfg).to(DEVICE)
+            data = [tuple({k: v.to(DEVICE) for k, v in b.items()} for b in pair) for pair in batches]
+            losses = macaw.meta_losses(model, data, cfg)
+            sum(losses[k].sum() for k in keys).backward()
+            grads.append({n: p.grad for n, p in model.named_parameters()})
+        for name, g in grads[1].items():
+            if g is None or not g.any():
+                assert grads[0][name] is None or not grads[0][name].any(), name
+                continue
+            assert ((grads[0][name] - g).norm() / g.norm()).item() < 1e-5, name
+        assert any(macaw.is_transform_matrix(n) and g is not None and g.any() for n, g in grads[0].items())
+
+
+def test_an_edited_adapt_that_drops_the_probes_fails_loudly(monkeypatch):
+    """An edit of adapt that does not pass its probes on would make the merged T gradients wrong: backward()
+    says so instead, and names the switch."""
+    cfg = small_config()
+    model = macaw.MACAW(5, 2, cfg)
+    original = macaw.adapt
+    monkeypatch.setattr(macaw, "adapt", lambda model, v, p, inner, cfg, probes=(None, None): original(model, v, p, inner, cfg))
+    losses = macaw.meta_losses(model, [(random_batch(32, seed=0), random_batch(32, seed=1))], cfg)
+    with pytest.raises(RuntimeError, match="no-merge-transform-gradients"):
+        losses["outer_value"].sum().backward()
 
 
 def test_meta_training_changes_step_sizes_and_memory_stays_flat():

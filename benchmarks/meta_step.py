@@ -8,7 +8,10 @@ on synthetic cheetah-sized data (17-d observations, 6-d actions), for each path:
     plain  the readable form: a Python loop over tasks, the inner step as a stepped copy of every tensor
            (--plain-inner-step --no-vmap-tasks)
     fast   the same loop, the inner step in its exact fast form (no stepped copy of T) (--no-vmap-tasks)
-    vmap   the default: the fast form, vectorised over tasks with torch.func.vmap
+    vmap   the fast form, vectorised over tasks with torch.func.vmap, each T's meta-gradient left to
+           autograd (--no-merge-transform-gradients)
+    merged the default: vmap, with each T's meta-gradient formed in one matrix product
+           (merged_transform_losses)
     compiled  (--compile here and in macaw.py) the vmap path as one pure function of the meta-parameters,
            torch.func.grad(meta-objective), compiled with torch.compile (its compile time is reported;
            autograd's double backward, which the other paths use, cannot be compiled)
@@ -36,7 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import macaw  # noqa: E402
 
-PATHS = {"plain": dict(plain_inner_step=True, vmap_tasks=False), "fast": dict(vmap_tasks=False), "vmap": {}}
+PATHS = {"plain": dict(plain_inner_step=True, vmap_tasks=False), "fast": dict(vmap_tasks=False),
+         "vmap": dict(merge_transform_gradients=False), "merged": {}}
 OBS_DIM, ACT_DIM = 17, 6
 
 

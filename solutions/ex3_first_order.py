@@ -11,8 +11,8 @@ does not have: the two first-order approximations differ, while the full second-
 from common import macaw, parse_args, point_robot, torch
 
 
-def adapt(model, vparams, pparams, inner, cfg, first_order):
-    """macaw.adapt with the edit of this exercise (marked)."""
+def adapt(model, vparams, pparams, inner, cfg, probes=(None, None), first_order=False):
+    """macaw.adapt with the edit of this exercise (marked); probes as in macaw.adapt."""
     step = macaw.sgd_step if cfg.plain_inner_step else macaw.fast_sgd_step
 
     def value_step_loss(p):
@@ -21,7 +21,7 @@ def adapt(model, vparams, pparams, inner, cfg, first_order):
     v_grads, inner_v = macaw.inner_gradients(value_step_loss, vparams, cfg)
     if first_order:  # the edit: no gradient through the inner gradient
         v_grads = {k: g.detach() for k, g in v_grads.items()}
-    adapted_v = step(vparams, v_grads, model.raw_value_lrs)
+    adapted_v = step(vparams, v_grads, model.raw_value_lrs, probes=probes[0])
     target_v = {k: p.detach() for k, p in step(vparams, v_grads, model.raw_value_lrs, 1 - cfg.target_vf_alpha).items()}
     adv = macaw.advantages(model.value, adapted_v, inner)
 
@@ -31,7 +31,7 @@ def adapt(model, vparams, pparams, inner, cfg, first_order):
     p_grads, (inner_pi, head) = macaw.inner_gradients(policy_step_loss, pparams, cfg)
     if first_order:
         p_grads = {k: g.detach() for k, g in p_grads.items()}
-    adapted_p = step(pparams, p_grads, model.raw_policy_lrs)
+    adapted_p = step(pparams, p_grads, model.raw_policy_lrs, probes=probes[1])
     return adapted_v, adapted_p, target_v, dict(inner_value=inner_v, inner_policy=inner_pi, inner_head=head)
 
 

@@ -7,15 +7,15 @@ The edit to macaw.py: in `adapt`, compute the inner advantages (2) with V_phi in
 from common import macaw, mean_and_spread, meta_train, parse_args, point_robot
 
 
-def adapt_with_unadapted_advantages(model, vparams, pparams, inner, cfg):
-    """macaw.adapt with the edit of this exercise (marked)."""
+def adapt_with_unadapted_advantages(model, vparams, pparams, inner, cfg, probes=(None, None)):
+    """macaw.adapt with the edit of this exercise (marked); probes as in macaw.adapt."""
     step = macaw.sgd_step if cfg.plain_inner_step else macaw.fast_sgd_step
 
     def value_step_loss(p):
         loss = macaw.value_loss(model.value, p, inner, inner["mc_return"])
         return loss, loss.detach()
     v_grads, inner_v = macaw.inner_gradients(value_step_loss, vparams, cfg)
-    adapted_v = step(vparams, v_grads, model.raw_value_lrs)
+    adapted_v = step(vparams, v_grads, model.raw_value_lrs, probes=probes[0])
     target_v = {k: p.detach() for k, p in step(vparams, v_grads, model.raw_value_lrs, 1 - cfg.target_vf_alpha).items()}
     adv = macaw.advantages(model.value, vparams, inner)  # the edit: phi, not phi'
 
@@ -23,7 +23,7 @@ def adapt_with_unadapted_advantages(model, vparams, pparams, inner, cfg):
         loss, head = macaw.inner_policy_loss(model.policy, p, model.raw_adv_coef, inner, adv, cfg)
         return loss, (loss.detach(), head.detach())
     p_grads, (inner_pi, head) = macaw.inner_gradients(policy_step_loss, pparams, cfg)
-    adapted_p = step(pparams, p_grads, model.raw_policy_lrs)
+    adapted_p = step(pparams, p_grads, model.raw_policy_lrs, probes=probes[1])
     return adapted_v, adapted_p, target_v, dict(inner_value=inner_v, inner_policy=inner_pi, inner_head=head)
 
 
