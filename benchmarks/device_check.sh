@@ -3,12 +3,12 @@
 #
 #     bash benchmarks/device_check.sh OUTDIR        # OUTDIR gets the logs, the summaries and bench_cuda*.json
 #
-# 1. the fidelity tests (the authors' recorded meta-step, every path) and the fast-vs-plain and
-#    loop-vs-vmap tests, on the GPU (MACAW_TEST_DEVICE=cuda);
+# 1. the fidelity tests (the authors' recorded meta-step, every path), the fast-vs-plain, loop-vs-vmap
+#    and merged-T-gradient tests, on the GPU (MACAW_TEST_DEVICE=cuda);
 # 2. `python macaw.py --env cheetah-dir --device cuda` end to end (data, training, evaluation, summary,
 #    plot) on tiny data (2,000 collector steps per task) with 300 meta-steps: it checks that the code is
 #    device-clean, not that it learns;
-# 3. benchmarks/meta_step.py --device cuda (1 CPU thread; plain, fast and vmap paths, 2 and 5 tasks),
+# 3. benchmarks/meta_step.py --device cuda (1 CPU thread; plain, fast, vmap and merged paths, 2 and 5 tasks),
 #    then the compiled path beside plain (its compile time is reported).
 # Each step's output is kept even if a later one fails; the exit status says whether any failed.
 set -uo pipefail
@@ -30,7 +30,7 @@ python -c "import torch, gymnasium, mujoco, numpy; print('torch', torch.__versio
 export PYTHONUNBUFFERED=1
 
 step tests env MACAW_TEST_DEVICE=cuda python -m pytest -q -p no:nbmake -o addopts="" test_macaw.py \
-    -k "authors or paper_width or loop_and_vmap"
+    -k "authors or paper_width or loop_and_vmap or merged"
 step run python macaw.py --env cheetah-dir --device cuda --collector-steps 2000 --steps 300 --eval-every 100 \
     --eval-rollouts 2 --final-eval-rollouts 3 --data-dir "$work/data" --out "$work/runs" --run-name cuda
 cp "$work/runs/cuda/summary.json" "$out/run_summary.json" 2>/dev/null || { echo "!!! no summary.json"; status=1; }
