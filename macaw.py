@@ -1150,7 +1150,7 @@ class StackedLinear(nn.Module):
 def stacked_mlp(n, sizes):
     layers = []
     for i in range(len(sizes) - 1):
-        layers += [StackedLinear(n, sizes[i], sizes[i + 1]), nn.ReLU()]
+        layers += [StackedLinear(n, sizes[i], sizes[i + 1]), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers[:-1])
 
 
@@ -1170,9 +1170,9 @@ class SAC(nn.Module):
         self.q2_targ.load_state_dict(self.q2.state_dict())
         self.log_alpha = nn.Parameter(torch.zeros(n, 1))
         self.target_entropy = -act_dim
-        self.pi_opt = torch.optim.Adam(self.actor.parameters(), lr=3e-4)
-        self.q_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=3e-4)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=3e-4)
+        self.pi_opt = torch.optim.Adam(self.actor.parameters(), lr=3e-4, foreach=True)
+        self.q_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=3e-4, foreach=True)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=3e-4, foreach=True)
 
     def optimizers(self):
         return [self.pi_opt, self.q_opt, self.alpha_opt]
