@@ -875,8 +875,7 @@ def meta_losses(model, batches, cfg):
     to (tasks, B, ...) and the same function is mapped over them with torch.func.vmap, which turns the
     tasks' many matrix-vector products with the shared T's into matrix products (1.4x faster than the
     loop at 2 tasks, 2.4x at 5, README "Speed"). A test checks both give the same gradients.
-    On that path each T's meta-gradient is formed by a hook that backward() runs (merged_transform_losses),
-    so use backward(), not torch.autograd.grad (or set cfg.merge_transform_gradients = False).
+    On that path each T's meta-gradient is formed in one matrix product (merged_transform_losses).
     """
     vparams, pparams = model.params()
     per_task = lambda inner, outer: task_meta_losses(model, vparams, pparams, inner, outer, cfg)
@@ -897,12 +896,13 @@ def meta_losses(model, batches, cfg):
 # inner gradient, theta' = T z' + c'' after it. Each product y = T x adds (dJ/dy) x^T to dJ/dT (for
 # y = T^T G: G (dJ/dy)^T), and autograd writes every one of these 1 M-number outer products separately and
 # then adds them up: at 5 tasks about a third of the step, spent moving memory, not computing (README
-# "Speed"). So that path uses T detached (autograd leaves it alone) and adds a zero "probe" tensor to
-# each product's output; backward() computes each probe's gradient, dJ/dy, and a hook that the same
-# backward() runs forms dJ/dT = sum_uses (dJ/dy) x^T as ONE product of two thin matrices: 13-17% faster on 1 thread
-# (merged_transform_losses). Tests check it against autograd's own, the plain form and the authors' step.
-# An edit of adapt or fast_sgd_step must keep passing the probes on (a test checks that dropping them
-# fails loudly); --no-merge-transform-gradients turns all this off.
+# "Speed"). So that path uses T detached inside the step and adds a zero "probe" tensor to each product's
+# output. The probes come out of one autograd node (MergedTransformGradients) whose inputs are the T's:
+# backward() hands it every probe's gradient dJ/dy at once, and it returns dJ/dT = sum_uses (dJ/dy) x^T
+# as ONE product of two thin matrices per T: 13-17% faster on 1 thread (merged_transform_losses). Tests
+# check it against autograd's own, the plain form and the authors' step. An edit of adapt or fast_sgd_step
+# must keep passing the probes on (a test checks that dropping them fails loudly);
+# --no-merge-transform-gradients turns all this off.
 class TransformProbes:
     """One task's probes for one network (dicts WLinear layer prefix -> zero tensor): at dL/dz (added to the
     inner gradient of z) and at theta' (added to c''). The probe at theta is added to c itself, outside the
@@ -920,19 +920,55 @@ class TransformProbes:
         return {**stepped, **{l + "fc.bias": stepped[l + "fc.bias"] + p for l, p in self.at_adapted_weights.items()}}
 
 
+class MergedTransformGradients(torch.autograd.Function):
+    """Forward: from each T (P, latent), three zero probes: at theta (P,), at dL/dz (tasks, latent) and at
+    theta' (tasks, P). Backward: the probes' gradients, all at once, -> dJ/dT for every T, one product each.
+    `record` holds what the products need: each layer's (network, prefix) and z, and the factors G, z' that
+    the step records (filled in after the vmap)."""
+
+    @staticmethod
+    def forward(ctx, record, tasks, *transforms):
+        ctx.record = record
+        ctx.set_materialize_grads(False)  # None for a probe that J does not reach
+        return tuple(p for T in transforms for p in (T.new_zeros(T.shape[0]), T.new_zeros(tasks, T.shape[1]),
+                                                      T.new_zeros(tasks, T.shape[0])))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        record, grad_T = ctx.record, []
+        for i, ((net, l), z) in enumerate(zip(record["layers"], record["z"])):
+            g_theta, g_z, g_adapted = grads[3 * i:3 * i + 3]
+            if g_theta is not None and l not in record["factors"][net]:
+                raise RuntimeError(f"merged T gradients: the inner step of {l} took no probes; an edited adapt "
+                                   f"must pass them to the step as macaw.adapt does, or set "
+                                   f"cfg.merge_transform_gradients = False (--no-merge-transform-gradients)")
+            G, z_new = record["factors"][net].get(l, (None, None))  # (tasks, P), (tasks, latent)
+            terms = [(g_theta, z),  # dJ/dtheta + dJ/dtheta' (c'' is built from c + p_theta) ...
+                     (g_adapted, None if z_new is None else z_new - z),  # ... hence z' - z here
+                     (G, g_z)]  # y = dL/dz = T^T G adds G (dJ/dy)^T
+            terms = [(a, b) for a, b in terms if a is not None and b is not None]
+            left = [a.reshape(-1, a.shape[-1]) for a, _ in terms]  # rows (uses, P)
+            right = [b.reshape(-1, b.shape[-1]) for _, b in terms]  # rows (uses, latent)
+            grad_T.append(torch.cat(left).t() @ torch.cat(right) if terms else None)
+        return None, None, *grad_T
+
+
 def wlinear_layers(params):
     """Prefixes ('seq.fc_0.', ...) of the WLinear layers in a params dict."""
     return [k[:-len("fc.weight")] for k in params if is_transform_matrix(k)]
 
 
 def merged_transform_losses(model, inner, outer, cfg):
-    """meta_losses of the default path: vmap over the stacked tasks with every T used detached, and a hook
-    that backward() runs to form each T's meta-gradient as one matrix product (see TransformProbes)."""
-    tasks, device = len(inner["obs"]), inner["obs"].device
-    zeros = lambda *shape: torch.zeros(*shape, device=device, requires_grad=True)
+    """meta_losses of the default path: vmap over the stacked tasks with every T used detached, and the
+    probes that let backward() form each T's meta-gradient as one matrix product (MergedTransformGradients)."""
+    tasks = len(inner["obs"])
     nets = model.params()  # (value, policy) dicts
-    probes = [{l: dict(theta=zeros(len(p[l + "fc.bias"])), z=zeros(tasks, len(p[l + "z"])),
-                       adapted=zeros(tasks, len(p[l + "fc.bias"]))) for l in wlinear_layers(p)} for p in nets]
+    layers = [(net, l) for net, params in enumerate(nets) for l in wlinear_layers(params)]
+    record = dict(layers=layers, z=[nets[net][l + "z"].detach() for net, l in layers], factors=None)
+    made = MergedTransformGradients.apply(record, tasks, *[nets[net][l + "fc.weight"] for net, l in layers])
+    probes = [{}, {}]  # per network: layer -> dict(theta, z, adapted)
+    for i, (net, l) in enumerate(layers):
+        probes[net][l] = dict(zip(("theta", "z", "adapted"), made[3 * i:3 * i + 3]))
     probed = [{k: p.detach() if is_transform_matrix(k) else p for k, p in params.items()} for params in nets]
     for params, layer_probes in zip(probed, probes):  # c + p_theta
         for l, p in layer_probes.items():
@@ -944,30 +980,7 @@ def merged_transform_losses(model, inner, outer, cfg):
         return losses, [p.factors for p in task_probes]
 
     pick = lambda key: [{l: p[key] for l, p in layer_probes.items()} for layer_probes in probes]
-    losses, factors = vmap(per_task)(inner, outer, pick("z"), pick("adapted"))
-    order = [(net, l, key) for net in range(2) for l in probes[net] for key in ("theta", "z", "adapted")]
-
-    def merge(grads):  # dJ/dT = sum over T's uses y = T x of (dJ/dy) x^T, as one product per T
-        g = dict(zip(order, grads))  # None where a probe did not reach J
-        for net, params in enumerate(nets):
-            for l in probes[net]:
-                z = params[l + "z"].detach()
-                if g[net, l, "theta"] is not None and l not in factors[net]:
-                    raise RuntimeError(f"merged T gradients: the inner step of {l} took no probes; an edited adapt "
-                                       f"must pass them to the step as macaw.adapt does, or set "
-                                       f"cfg.merge_transform_gradients = False (--no-merge-transform-gradients)")
-                G, z_new = factors[net].get(l, (None, None))  # (tasks, P), (tasks, latent)
-                terms = [(g[net, l, "theta"], z),  # dJ/dtheta + dJ/dtheta' (c'' is built from c + p_theta) ...
-                         (g[net, l, "adapted"], None if z_new is None else z_new - z),  # ... hence z' - z here
-                         (G, g[net, l, "z"])]  # y = dL/dz = T^T G adds G (dJ/dy)^T
-                terms = [(a, b) for a, b in terms if a is not None and b is not None]
-                if terms:
-                    left = torch.cat([a.reshape(-1, a.shape[-1]) for a, _ in terms])  # (uses, P)
-                    right = torch.cat([b.reshape(-1, b.shape[-1]) for _, b in terms])  # (uses, latent)
-                    T = params[l + "fc.weight"]
-                    T.grad = left.t() @ right if T.grad is None else T.grad + left.t() @ right
-
-    torch.autograd.graph.register_multi_grad_hook([probes[net][l][key] for net, l, key in order], merge)
+    losses, record["factors"] = vmap(per_task)(inner, outer, pick("z"), pick("adapted"))
     return losses
 
 

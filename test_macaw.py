@@ -3,6 +3,7 @@
 Run with `pytest` (the README's command also executes tutorial.ipynb).
 """
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -364,6 +365,15 @@ def test_meta_training_changes_step_sizes_and_memory_stays_flat():
         macaw.meta_train_step(model, opts, batches, 2, cfg)
     assert not torch.equal(before, model.raw_policy_lrs.detach())
     assert all(p.grad is None or p.grad.grad_fn is None for p in model.parameters())  # no graph kept alive
+
+    def live_tensors():  # nothing of a step (graph, probes, hooks) may outlive it
+        gc.collect()
+        return sum(type(o) in (torch.Tensor, torch.nn.Parameter) for o in gc.get_objects())
+    counts = [live_tensors()]
+    for _ in range(4):
+        macaw.meta_train_step(model, opts, batches, 2, cfg)
+        counts.append(live_tensors())
+    assert counts[-1] <= counts[0], counts
 
 
 # ------------------------------------------------------------------------------------------------
