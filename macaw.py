@@ -1183,6 +1183,8 @@ class SAC(nn.Module):
         self.q2_targ.load_state_dict(self.q2.state_dict())
         self.log_alpha = nn.Parameter(torch.zeros(n, 1))
         self.target_entropy = -act_dim
+        # foreach Adam and in-place ReLUs (stacked_mlp): the same numbers as the defaults, bitwise, and 16%
+        # less time for ant-dir's data (40.5 min instead of 48.2, README "Speed")
         self.pi_opt = torch.optim.Adam(self.actor.parameters(), lr=3e-4, foreach=True)
         self.q_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=3e-4, foreach=True)
         self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=3e-4, foreach=True)
