@@ -16,9 +16,9 @@ The algorithm is sections 1-7, right after this docstring (about 1000 lines): co
 offline data as MACAW reads them, then the core, sections 4-7 (about 530 lines): networks, losses,
 the inner/outer loops (with the paper's two baselines, Meta-BC and multi-task AWR, a few lines each),
 evaluation. In section 6, the ~90 lines after meta_losses (merged_transform_losses) only make the
-default path faster and can wait for a second read. Sections 8 ("how the data are made": SAC and a scripted collector, about 350 lines) and 9
-("running it": files, locks, checkpoints, logs, plots, the CLI, about 400 lines) are machinery that a
-first read can skip. Every default mirrors the authors'
+default path faster and can wait for a second read. Sections 8 ("how the data are made": SAC and a
+scripted collector, about 350 lines) and 9 ("running it": files, locks, checkpoints, logs, plots, the
+CLI, about 400 lines) are machinery that a first read can skip. Every default mirrors the authors'
 `config/alg/standard.json` unless the README's table "Defaults that differ from the paper's code"
 says otherwise.
 
@@ -885,7 +885,7 @@ def meta_losses(model, batches, cfg):
         stack = lambda i: {k: torch.stack([b[i][k] for b in batches]) for k in BATCH_FIELDS}
         if (cfg.merge_transform_gradients and cfg.method != "mt-awr" and cfg.weight_transform
                 and not cfg.plain_inner_step and torch.is_grad_enabled()):
-            return merged_transform_losses(model, stack(0), stack(1), cfg)
+            return merged_transform_losses(model, vparams, pparams, stack(0), stack(1), cfg)
         return vmap(per_task)(stack(0), stack(1))
     losses = [per_task(inner, outer) for inner, outer in batches]
     return {k: torch.stack([l[k] for l in losses]) for k in losses[0]}
@@ -958,11 +958,10 @@ def wlinear_layers(params):
     return [k[:-len("fc.weight")] for k in params if is_transform_matrix(k)]
 
 
-def merged_transform_losses(model, inner, outer, cfg):
+def merged_transform_losses(model, vparams, pparams, inner, outer, cfg):
     """meta_losses of the default path: vmap over the stacked tasks with every T used detached, and the
     probes that let backward() form each T's meta-gradient as one matrix product (MergedTransformGradients)."""
-    tasks = len(inner["obs"])
-    nets = model.params()  # (value, policy) dicts
+    tasks, nets = len(inner["obs"]), (vparams, pparams)
     layers = [(net, l) for net, params in enumerate(nets) for l in wlinear_layers(params)]
     record = dict(layers=layers, z=[nets[net][l + "z"].detach() for net, l in layers], factors=None)
     made = MergedTransformGradients.apply(record, tasks, *[nets[net][l + "fc.weight"] for net, l in layers])
