@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent  # benchmarks/
+sys.path.insert(0, str(HERE))
 import meta_step  # noqa: E402  (its setup() builds a model, optimisers and synthetic batches for each path)
 
 
