@@ -166,6 +166,8 @@ class Config:
     adv_clip: float = arg(20.0, "AWR weights are exp(min(normalised advantage, log adv_clip))")
     target_vf_alpha: float = arg(0.9, "target value params = alpha * phi + (1 - alpha) * adapted phi")
     buffer_skip: int = arg(1, "keep every k-th transition of each task's data (authors: 7)")
+    buffer_from: float = arg(0.0, "use each task's data only from this fraction of its buffer on (0: all of it, as "
+                                  "the paper; 0.5: the second half, the collector's later behaviour; README)")
     bootstrap_terminations: bool = arg(False, "add gamma^(T-t) V(s_T) to the value target also after a true "
                                               "termination (a fall), as the authors' code does (README)")
     compile: bool = arg(False, "compute the meta-gradient with torch.compile (about 1.4x faster after a minute "
@@ -218,10 +220,13 @@ class Config:
                 raise UserError(f"{flag_name(name)} must be > 0 (got {getattr(self, name)})")
         if not 0 < self.discount <= 1 or not 0 <= self.target_vf_alpha <= 1 or self.adv_clip <= 1:
             raise UserError("need 0 < --discount <= 1, 0 <= --target-vf-alpha <= 1 and --adv-clip > 1")
-        batch = max(self.inner_batch, self.outer_batch, self.eval_batch)
-        if batch > self.collector_steps // self.buffer_skip:
-            raise UserError(f"a batch of {batch} exceeds a task's {self.collector_steps // self.buffer_skip} "
-                            f"transitions (--collector-steps / --buffer-skip); lower the batch sizes")
+        if not 0 <= self.buffer_from < 1:
+            raise UserError(f"need 0 <= --buffer-from < 1 (got {self.buffer_from})")
+        batch, kept = max(self.inner_batch, self.outer_batch, self.eval_batch), self.collector_steps // self.buffer_skip
+        kept = int(kept * (1 - self.buffer_from))
+        if batch > kept:
+            raise UserError(f"a batch of {batch} exceeds a task's {kept} transitions (--collector-steps, "
+                            f"--buffer-skip, --buffer-from); lower the batch sizes")
         try:
             torch.empty(0, device=self.device)
         except (RuntimeError, ValueError) as e:
@@ -549,7 +554,8 @@ class TaskData:
         mc, term_obs, term_disc = monte_carlo_targets(
             data["rewards"], data["next_observations"], np.logical_or(data["terminations"], data["truncations"]),
             cfg.discount, None if cfg.bootstrap_terminations else data["terminations"])
-        keep = slice(None, None, cfg.buffer_skip)  # targets first, then subsample (as the authors do)
+        # targets first (from whole episodes), then subsample (as the authors do); --buffer-from drops the start
+        keep = slice(int(cfg.buffer_from * len(mc)), None, cfg.buffer_skip)
         self.code = np.zeros(0, np.float32) if code is None else np.asarray(code, np.float32)
         with_code = lambda obs: np.concatenate([obs, np.broadcast_to(self.code, (len(obs), len(self.code)))], 1)
         arrays = (with_code(data["observations"]), data["actions"], mc, with_code(term_obs), term_disc)
@@ -586,7 +592,8 @@ def load_benchmark_data(cfg, bench, stop=()):
     small = [k for k, t in enumerate(tasks) if t.size < need]
     if small:
         raise UserError(f"tasks {small} have {tasks[small[0]].size} transitions (after --buffer-skip "
-                        f"{cfg.buffer_skip}), fewer than a batch of {need}; lower the batch or the skip")
+                        f"{cfg.buffer_skip} and --buffer-from {cfg.buffer_from}), fewer than a batch of {need}; "
+                        f"lower the batch, the skip or --buffer-from")
     return tasks
 
 

@@ -164,6 +164,26 @@ def test_no_bootstrap_after_a_true_termination():
         value = lambda v_end: (macaw.torch.as_tensor(mc) + macaw.torch.as_tensor(disc) * v_end)[:3]
         assert (value(100.0) == value(0.0)).all() != bool(flag)  # after the fall, V(s_T) adds nothing
 
+def test_buffer_from_keeps_the_end_of_the_buffer_with_targets_from_whole_episodes():
+    """--buffer-from 0.5 keeps the second half of a task's rows; their Monte-Carlo targets are the ones
+    computed from the whole episodes (an episode cut by the split keeps its full return); with
+    --buffer-skip it keeps every k-th row of that half."""
+    rng = np.random.default_rng(0)
+    n = 40
+    ends = np.zeros(n, bool)
+    ends[[9, 24, 39]] = True  # episodes 0-9, 10-24 (cut at row 20), 25-39
+    data = dict(rewards=rng.normal(size=n).astype(np.float32), next_observations=rng.normal(size=(n, 2)).astype(np.float32),
+                observations=rng.normal(size=(n, 2)).astype(np.float32), actions=rng.normal(size=(n, 1)).astype(np.float32),
+                terminations=np.zeros(n, bool), truncations=ends, collector_return=1.0, random_return=0.0)
+    full = macaw.TaskData(data, macaw.parse_config(["--env", "point-robot"])).tensors
+    for flags, rows in ((["--buffer-from", "0.5"], slice(20, None)), (["--buffer-from", "0.5", "--buffer-skip", "3"], slice(20, None, 3))):
+        kept = macaw.TaskData(data, macaw.parse_config(["--env", "point-robot", *flags])).tensors
+        for k in macaw.BATCH_FIELDS:
+            torch.testing.assert_close(kept[k], full[k][rows])
+    with pytest.raises(macaw.UserError, match="--buffer-from"):
+        macaw.parse_config(["--env", "point-robot", "--buffer-from", "1"]).resolve(macaw.get_benchmark("point-robot"))
+
+
 
 def test_awr_weights_standardised_and_clipped():
     adv = torch.cat([torch.linspace(-2, 2, 200), torch.tensor([100.0])])
