@@ -222,8 +222,8 @@ class Config:
             raise UserError("need 0 < --discount <= 1, 0 <= --target-vf-alpha <= 1 and --adv-clip > 1")
         if not 0 <= self.buffer_from < 1:
             raise UserError(f"need 0 <= --buffer-from < 1 (got {self.buffer_from})")
-        batch, kept = max(self.inner_batch, self.outer_batch, self.eval_batch), self.collector_steps // self.buffer_skip
-        kept = int(kept * (1 - self.buffer_from))
+        batch = max(self.inner_batch, self.outer_batch, self.eval_batch)
+        kept = int(self.collector_steps // self.buffer_skip * (1 - self.buffer_from))  # rows per task, about
         if batch > kept:
             raise UserError(f"a batch of {batch} exceeds a task's {kept} transitions (--collector-steps, "
                             f"--buffer-skip, --buffer-from); lower the batch sizes")

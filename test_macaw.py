@@ -164,6 +164,7 @@ def test_no_bootstrap_after_a_true_termination():
         value = lambda v_end: (macaw.torch.as_tensor(mc) + macaw.torch.as_tensor(disc) * v_end)[:3]
         assert (value(100.0) == value(0.0)).all() != bool(flag)  # after the fall, V(s_T) adds nothing
 
+
 def test_buffer_from_keeps_the_end_of_the_buffer_with_targets_from_whole_episodes():
     """--buffer-from 0.5 keeps the second half of a task's rows; their Monte-Carlo targets are the ones
     computed from the whole episodes (an episode cut by the split keeps its full return); with
@@ -182,7 +183,6 @@ def test_buffer_from_keeps_the_end_of_the_buffer_with_targets_from_whole_episode
             torch.testing.assert_close(kept[k], full[k][rows])
     with pytest.raises(macaw.UserError, match="--buffer-from"):
         macaw.parse_config(["--env", "point-robot", "--buffer-from", "1"]).resolve(macaw.get_benchmark("point-robot"))
-
 
 
 def test_awr_weights_standardised_and_clipped():
