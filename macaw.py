@@ -189,6 +189,8 @@ class Config:
     collector_steps: int = arg(-1, "env steps of each task's collector; -1 = the benchmark's default")
     collector_width: int = arg(-1, "hidden width of the SAC collectors' networks; -1 = the benchmark's default "
                                    "(README 'Speed': 64 is 2.2x faster at 40 tasks)")
+    collector_lr: float = arg(-1.0, "Adam learning rate of the SAC collectors; -1 = the benchmark's default "
+                                    "(3e-4, the usual SAC value, README)")
     collector_design: str = arg("", "per-task (one SAC agent per task) or shared (ONE task-conditioned SAC agent per "
                                      "worker process, its replay buffer split per task); '' = the benchmark's default "
                                      "(README 'Speed')")
@@ -196,7 +198,7 @@ class Config:
 
     def resolve(self, bench):
         """Fill the benchmark-dependent defaults (-1) and check every value before any work starts."""
-        for name in ("steps", "eval_every", "collector_steps", "collector_width"):
+        for name in ("steps", "eval_every", "collector_steps", "collector_width", "collector_lr"):
             if getattr(self, name) == -1:
                 setattr(self, name, bench.defaults[name])
         self.collector_design = self.collector_design or bench.defaults["collector_design"]
@@ -215,7 +217,7 @@ class Config:
             if getattr(self, name) < 1:
                 raise UserError(f"{flag_name(name)} must be >= 1 (got {getattr(self, name)})")
         for name in ("inner_lr_init", "adv_coef_init", "outer_policy_lr", "outer_value_lr",
-                     "outer_log_lr_lr", "action_sigma"):
+                     "outer_log_lr_lr", "action_sigma", "collector_lr"):
             if not getattr(self, name) > 0:
                 raise UserError(f"{flag_name(name)} must be > 0 (got {getattr(self, name)})")
         if not 0 < self.discount <= 1 or not 0 <= self.target_vf_alpha <= 1 or self.adv_clip <= 1:
@@ -383,6 +385,9 @@ class PointRobot(gym.Env):
         return self.pos.astype(np.float32), reward, False, self.t >= 20, {}
 
 
+SAC_LR = 3e-4  # the SAC collectors' Adam learning rate (Haarnoja et al. 2018), unless a benchmark sets collector_lr
+
+
 @dataclass(frozen=True)
 class Benchmark:
     name: str
@@ -391,10 +396,12 @@ class Benchmark:
     train_ids: tuple
     test_ids: tuple
     collector: str  # "sac" (a from-scratch agent's replay buffer) or "scripted" (annealed noise)
-    defaults: dict  # steps, eval_every, collector_steps, collector_width (and collector_design if not per-task)
+    defaults: dict  # steps, eval_every, collector_steps, collector_width (and collector_design, collector_lr
+    #                 where they differ from per-task and 3e-4)
 
     def __post_init__(self):
         self.defaults.setdefault("collector_design", "per-task")  # so every benchmark names its design
+        self.defaults.setdefault("collector_lr", SAC_LR)
 
 
 def _point_goals(n=25, n_test=5):
@@ -479,7 +486,7 @@ DATA_KEYS = {"observations": "obs", "actions": "act", "rewards": None, "next_obs
 
 def load_task_data(path, bench, task_id, cfg=None):
     """Load one task's .npz and check it; any problem -> UserError naming the file and the fix.
-    With a cfg, the file must also come from the collector it asks for (--collector-steps, -width)."""
+    With a cfg, the file must also come from the collector it asks for (--collector-steps, -width, -lr)."""
     fix = f"delete {path} or pass --regenerate-data"
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -509,13 +516,16 @@ def load_task_data(path, bench, task_id, cfg=None):
     if cfg is not None:  # the collector that made the file must be the one this run asks for
         sac = "collector_width" in data
 
-        def collector(steps, width, shared):
-            return f"{steps} steps" + (f" of a width-{int(width)} {'shared ' if shared else ''}SAC" if sac else "")
-        made = collector(n, data.get("collector_width"), data.get("collector_shared", False))
-        wanted = collector(cfg.collector_steps, cfg.collector_width, cfg.collector_design == "shared")
+        def collector(steps, width, shared, lr):
+            return f"{steps} steps" + (f" of a width-{int(width)} {'shared ' if shared else ''}SAC at lr {float(lr):g}"
+                                       if sac else "")
+        made = collector(n, data.get("collector_width"), data.get("collector_shared", False),
+                         data.get("collector_lr", SAC_LR))  # files made before --collector-lr: all at 3e-4
+        wanted = collector(cfg.collector_steps, cfg.collector_width, cfg.collector_design == "shared", cfg.collector_lr)
         if made != wanted:
             raise UserError(f"{path} holds {made}, this run asks for {wanted} (--collector-steps, --collector-width, "
-                            f"--collector-design); pass the flags that match the file, or --regenerate-data")
+                            f"--collector-design, --collector-lr); pass the flags that match the file, or "
+                            f"--regenerate-data")
     return data
 
 
@@ -1180,7 +1190,8 @@ class SAC(nn.Module):
     Every loss is a sum over agents of that agent's mean loss, and Adam works element by element, so
     each agent learns exactly as it would alone: stacking only batches the arithmetic."""
 
-    def __init__(self, n, obs_dim, act_dim, width=128):
+    def __init__(self, n, obs_dim, act_dim, width=128, lr=None):
+        lr = lr or SAC_LR
         super().__init__()
         self.actor = stacked_mlp(n, [obs_dim, width, width, 2 * act_dim])
         self.q1, self.q2 = (stacked_mlp(n, [obs_dim + act_dim, width, width, 1]) for _ in range(2))
@@ -1191,9 +1202,9 @@ class SAC(nn.Module):
         self.target_entropy = -act_dim
         # foreach Adam and in-place ReLUs (stacked_mlp): the same numbers as the defaults, bitwise, and 16%
         # less time for ant-dir's data (40.5 min instead of 48.2, README "Speed")
-        self.pi_opt = torch.optim.Adam(self.actor.parameters(), lr=3e-4, foreach=True)
-        self.q_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=3e-4, foreach=True)
-        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=3e-4, foreach=True)
+        self.pi_opt = torch.optim.Adam(self.actor.parameters(), lr=lr, foreach=True)
+        self.q_opt = torch.optim.Adam([*self.q1.parameters(), *self.q2.parameters()], lr=lr, foreach=True)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=lr, foreach=True)
 
     def optimizers(self):
         return [self.pi_opt, self.q_opt, self.alpha_opt]
@@ -1283,7 +1294,8 @@ def restore_env_state(env, state):
 
 
 def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, should_stop=lambda: False,
-                random_steps=2000, batch_size=256, width=128, position=0, shared=False):
+                random_steps=2000, batch_size=256, width=128, position=0, shared=False, update_every=1,
+                lr=None):
     """Train one SAC agent per env from scratch, all in lock-step; each agent's whole replay buffer
     (`steps` transitions) is its task's offline data. Returns one data dict per env.
 
@@ -1300,7 +1312,7 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
     scale = envs[0].action_space.high  # SAC acts in [-1, 1]; env actions are scale * that
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    agent = SAC(1, obs_dim + n, act_dim, width) if shared else SAC(n, obs_dim, act_dim, width)
+    agent = SAC(1, obs_dim + n, act_dim, width, lr) if shared else SAC(n, obs_dim, act_dim, width, lr)
     code = torch.eye(n)  # the shared agent's one-hot task codes
 
     def agent_input(o, tasks=None):
@@ -1353,7 +1365,7 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
                 buf[k][i, t] = v
             episode_return[i] += reward
             obs[i], done[i] = next_obs, terminated or truncated
-        if t >= random_steps:
+        if t >= random_steps and (t - random_steps) % update_every == 0:  # one update per update_every steps
             if shared:  # random (task, transition) pairs
                 tasks, rows = rng.integers(0, n, (1, batch_size)), rng.integers(0, t + 1, (1, batch_size))
             else:  # each agent samples its own buffer
@@ -1412,7 +1424,7 @@ def write_task_data(bench, task_id, env, data, seed, path):
     atomic_write(path, lambda f: np.savez(f, **data))
 
 
-def collect_group(bench_name, task_ids, steps, seed, width, shared, paths, checkpoint, position):
+def collect_group(bench_name, task_ids, steps, seed, width, shared, lr, paths, checkpoint, position):
     """Worker process: collect a group of SAC tasks in lock-step (checkpointed), write each task's file.
     It stops by itself (after saving its checkpoint) if the process that started it is gone."""
     torch.set_num_threads(1)
@@ -1422,9 +1434,10 @@ def collect_group(bench_name, task_ids, steps, seed, width, shared, paths, check
     parent = os.getppid()
     try:
         datas = collect_sac(envs, steps, seed, checkpoint, should_stop=lambda: os.getppid() != parent,
-                            width=width, position=position, shared=shared)
+                            width=width, position=position, shared=shared, lr=lr)
         for k, env, data, path in zip(task_ids, envs, datas, paths):
-            write_task_data(bench, k, env, dict(data, collector_width=width, collector_shared=shared), seed, path)
+            write_task_data(bench, k, env, dict(data, collector_width=width, collector_shared=shared, collector_lr=lr),
+                            seed, path)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -1461,7 +1474,8 @@ def ensure_data(cfg, bench, stop=()):
 def generate_tasks(cfg, bench, task_ids, stop=()):
     folder = Path(cfg.data_dir) / cfg.env
     shared = cfg.collector_design == "shared"
-    width = f"{' shared' if shared else ''} width {cfg.collector_width}" if bench.collector == "sac" else ""
+    width = (f"{' shared' if shared else ''} width {cfg.collector_width}, lr {cfg.collector_lr:g}"
+             if bench.collector == "sac" else "")
     print(f"Generating offline data for {len(task_ids)} {cfg.env} task(s) in {folder}/ "
           f"({bench.collector}{width} collector, {cfg.collector_steps} steps each; done once, reused later)")
     if bench.collector != "sac":
@@ -1475,9 +1489,10 @@ def generate_tasks(cfg, bench, task_ids, stop=()):
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=collect_group, daemon=True,
                                args=(cfg.env, group, cfg.collector_steps, task_seed(cfg, group[0]),
-                                     cfg.collector_width, shared, [task_data_path(cfg, k) for k in group],
+                                     cfg.collector_width, shared, cfg.collector_lr,
+                                     [task_data_path(cfg, k) for k in group],
                                      folder / f"collector-tasks{group[0]}-{group[-1]}-width{cfg.collector_width}"
-                                              f"{'-shared' if shared else ''}.pt", position))
+                                              f"-lr{cfg.collector_lr:g}{'-shared' if shared else ''}.pt", position))
                for position, group in enumerate(groups)]
     for w in workers:
         w.start()

@@ -664,7 +664,8 @@ def test_unknown_env_is_one_line_error(tmp_path):
                                           (["--inner-batch", "5000"], "batch"),
                                           (["--device", "nonsense"], "--device"),
                                           (["--method", "maml"], "mt-awr"),
-                                          (["--collector-design", "both"], "--collector-design")])
+                                          (["--collector-design", "both"], "--collector-design"),
+                                          (["--collector-lr", "0"], "--collector-lr")])
 def test_bad_flag_values_fail_before_work(tmp_path, args, words):
     result = run_cli(*TINY, *args, cwd=tmp_path)
     assert result.returncode != 0
@@ -715,6 +716,13 @@ def test_tiny_walker_params_run_through_the_cli_makes_valid_data_and_a_summary(t
         assert len(data["rewards"]) == 300 and int(data["collector_width"]) == 64
         falls += int(data["terminations"].sum())
     assert falls > 0
+    data_flags = ["--env", "walker-params", "--collector-steps", "300", "--data-dir", str(tmp_path / "data")]
+    path = tmp_path / "data" / "walker-params" / "task0.npz"
+    same = macaw.parse_config(data_flags).resolve(bench)
+    assert float(macaw.load_task_data(path, bench, 0, same)["collector_lr"]) == same.collector_lr == 3e-4
+    other_lr = macaw.parse_config([*data_flags, "--collector-lr", "1e-3"]).resolve(bench)
+    with pytest.raises(macaw.UserError, match="at lr 0.0003, this run asks for .* at lr 0.001 .*--collector-lr"):
+        macaw.load_task_data(path, bench, 0, other_lr)
     summary = json.loads((tmp_path / "runs" / "walker-params-seed1" / "summary.json").read_text())
     assert sorted(summary["tasks"]) == sorted(str(k) for k in bench.test_ids)
     for t in summary["tasks"].values():
@@ -1075,6 +1083,24 @@ def test_resume_names_the_flags_it_ignores(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The data collector: stacked SAC agents in lock-step, checkpointed, stoppable.
 # ------------------------------------------------------------------------------------------------
+def test_collector_takes_one_update_every_k_env_steps_at_its_learning_rate(monkeypatch):
+    """update_every=k (studies/collector_budget.py): after the random steps, one SAC update per k env steps."""
+    calls, rates = [], []
+    update = macaw.SAC.update
+
+    def counted(agent, *batch):
+        calls.append(1)
+        rates.append(agent.q_opt.param_groups[0]["lr"])
+        return update(agent, *batch)
+    monkeypatch.setattr(macaw.SAC, "update", counted)
+    bench = macaw.BENCHMARKS["cheetah-dir"]
+    for every, lr, updates in ((1, 3e-4, 60), (3, 1e-3, 20)):
+        calls.clear()
+        macaw.collect_sac([macaw.make_task_env(bench, 0)], 260, 0, random_steps=200, batch_size=32, width=16,
+                          update_every=every, lr=lr)
+        assert len(calls) == updates and set(rates[-updates:]) == {lr}
+
+
 @pytest.mark.parametrize("env,shared", [("cheetah-dir", False), ("walker-params", False), ("walker-params", True)])
 def test_collector_resumed_from_its_checkpoint_gives_the_uninterrupted_data(tmp_path, env, shared):
     """Stopped mid-episode (walker: after falls at different steps in each env), the collector (one agent
