@@ -63,7 +63,7 @@ if __name__ == "__main__":
     datas = macaw.collect_sac(envs, args.steps, macaw.task_seed(cfg, ids[0]), width=cfg.collector_width,
                               update_every=args.update_every, lr=args.lr)
     wall = time.perf_counter() - start
-    record = dict(env=args.env, task_ids=ids, steps=args.steps, update_every=args.update_every, lr=args.lr,
+    record = dict(name=args.name, env=args.env, task_ids=ids, steps=args.steps, update_every=args.update_every, lr=args.lr,
                   width=cfg.collector_width, wall_min=round(wall / 60, 2),
                   collector_return=[float(d["collector_return"]) for d in datas],
                   curve_every=5000, curves=[buffer_curve(d) for d in datas],
