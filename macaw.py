@@ -1192,8 +1192,7 @@ class SAC(nn.Module):
     Every loss is a sum over agents of that agent's mean loss, and Adam works element by element, so
     each agent learns exactly as it would alone: stacking only batches the arithmetic."""
 
-    def __init__(self, n, obs_dim, act_dim, width=128, lr=None):
-        lr = lr or SAC_LR
+    def __init__(self, n, obs_dim, act_dim, width=128, lr=SAC_LR):
         super().__init__()
         self.actor = stacked_mlp(n, [obs_dim, width, width, 2 * act_dim])
         self.q1, self.q2 = (stacked_mlp(n, [obs_dim + act_dim, width, width, 1]) for _ in range(2))
@@ -1297,7 +1296,7 @@ def restore_env_state(env, state):
 
 def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, should_stop=lambda: False,
                 random_steps=2000, batch_size=256, width=128, position=0, shared=False, update_every=1,
-                lr=None):
+                lr=SAC_LR):
     """Train one SAC agent per env from scratch, all in lock-step; each agent's whole replay buffer
     (`steps` transitions) is its task's offline data. Returns one data dict per env.
 

@@ -25,15 +25,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "studies"))
 import macaw  # noqa: E402
+from collector_curves import episode_returns  # noqa: E402
 
 
 def buffer_curve(data, every=5000):
     """Mean return of the episodes that end in each `every`-step window of a buffer."""
-    ends = np.flatnonzero(np.maximum(data["terminations"], data["truncations"]))
-    returns = np.add.reduceat(data["rewards"], np.r_[0, ends[:-1] + 1])
-    return [float(np.mean(returns[(ends >= s) & (ends < s + every)]) if np.any((ends >= s) & (ends < s + every))
-                  else np.nan) for s in range(0, len(data["rewards"]), every)]
+    end, returns = episode_returns(data)
+    window = (end - 1) // every
+    return [float(returns[window == w].mean()) if np.any(window == w) else np.nan
+            for w in range(-(-len(data["rewards"]) // every))]
 
 
 def default_data(cfg, ids):
@@ -42,8 +44,8 @@ def default_data(cfg, ids):
     if not all(p.exists() for p in paths):
         return None
     datas = [np.load(p) for p in paths]
-    return dict(data_dir=cfg.data_dir, lr=cfg.collector_lr, steps=len(datas[0]["rewards"]), collector_return=[float(d["collector_return"]) for d in datas],
-                curves=[buffer_curve(d) for d in datas])
+    return dict(data_dir=cfg.data_dir, lr=cfg.collector_lr, steps=len(datas[0]["rewards"]),
+                collector_return=[float(d["collector_return"]) for d in datas], curves=[buffer_curve(d) for d in datas])
 
 
 if __name__ == "__main__":
@@ -53,7 +55,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--update-every", type=int, default=1)
     parser.add_argument("--width", type=int, default=-1)
-    parser.add_argument("--lr", type=float, default=3e-4, help="the SAC agents' Adam learning rate")
+    parser.add_argument("--lr", type=float, default=macaw.SAC_LR, help="the SAC agents' Adam learning rate")
     parser.add_argument("--data-dir", default="data", help="where the data to compare with are")
     parser.add_argument("--data-lr", type=float, default=-1, help="their collectors' learning rate (-1: the default)")
     parser.add_argument("--name", required=True, help="results/studies/collector_budget_<env>_<name>.json")
