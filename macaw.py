@@ -719,10 +719,10 @@ class MACAW(nn.Module):
         """The value and policy weights as dicts name -> tensor, in parameter (= step size) order."""
         return dict(self.value.named_parameters()), dict(self.policy.named_parameters())
 
-    def forward(self, batches, n_train_tasks, cfg):
+    def forward(self, batches, n_train_tasks, cfg, probes=None):
         """The meta-objective J of a meta-batch (section 6), so that torch.func can call the whole
         model as a function of its meta-parameters (--compile)."""
-        return meta_objective(self, batches, n_train_tasks, cfg)
+        return meta_objective(self, batches, n_train_tasks, cfg, probes)
 
 
 # ================================================================================================
@@ -887,14 +887,15 @@ def task_meta_losses(model, vparams, pparams, inner, outer, cfg, probes=(None, N
     return dict(outer_value=outer_v, outer_policy=outer_pi, **stats)
 
 
-def meta_losses(model, batches, cfg):
+def meta_losses(model, batches, cfg, probes=None):
     """Per-task losses of a meta-batch, each (tasks,). batches: list of (inner, outer) dicts.
 
     The loop over tasks is the readable form (--no-vmap-tasks); by default the batches are stacked
     to (tasks, B, ...) and the same function is mapped over them with torch.func.vmap, which turns the
     tasks' many matrix-vector products with the shared T's into matrix products (1.4x faster than the
     loop at 2 tasks, 2.4x at 5, README "Speed"). A test checks both give the same gradients.
-    On that path each T's meta-gradient is formed in one matrix product (merged_transform_losses).
+    On that path each T's meta-gradient is formed in one matrix product (merged_transform_losses;
+    probes: only --compile's, see compiled_meta_gradient).
     """
     vparams, pparams = model.params()
     per_task = lambda inner, outer: task_meta_losses(model, vparams, pparams, inner, outer, cfg)
@@ -902,9 +903,8 @@ def meta_losses(model, batches, cfg):
         per_task = lambda inner, outer: multitask_losses(model, vparams, pparams, outer, cfg)
     if cfg.vmap_tasks:
         stack = lambda i: {k: torch.stack([b[i][k] for b in batches]) for k in BATCH_FIELDS}
-        if (cfg.merge_transform_gradients and cfg.method != "mt-awr" and cfg.weight_transform
-                and not cfg.plain_inner_step and torch.is_grad_enabled()):
-            return merged_transform_losses(model, vparams, pparams, stack(0), stack(1), cfg)
+        if merges_transform_gradients(cfg) and torch.is_grad_enabled():
+            return merged_transform_losses(model, vparams, pparams, stack(0), stack(1), cfg, probes)
         return vmap(per_task)(stack(0), stack(1))
     losses = [per_task(inner, outer) for inner, outer in batches]
     return {k: torch.stack([l[k] for l in losses]) for k in losses[0]}
@@ -922,6 +922,32 @@ def meta_losses(model, batches, cfg):
 # check it against autograd's own, the plain form and the authors' step. An edit of adapt or fast_sgd_step
 # must keep passing the probes on (a test checks that dropping them fails loudly);
 # --no-merge-transform-gradients turns all this off.
+def merges_transform_gradients(cfg):
+    """Whether meta_losses takes the merged path: vmap, the fast inner step, weight-transform layers, an inner loop."""
+    return (cfg.vmap_tasks and cfg.merge_transform_gradients and cfg.method != "mt-awr" and cfg.weight_transform
+            and not cfg.plain_inner_step)
+
+
+def zero_probes(T, tasks):
+    """The three zero probes of one T (P, latent): at theta (P,), at dL/dz (tasks, latent), at theta' (tasks, P)."""
+    return T.new_zeros(T.shape[0]), T.new_zeros(tasks, T.shape[1]), T.new_zeros(tasks, T.shape[0])
+
+
+def merged_transform_gradient(z, factors, g_theta, g_z, g_adapted):
+    """dJ/dT of one layer from its probes' gradients, ONE product of two thin matrices: sum over T's uses of
+    (dJ/dy) x^T. z: the layer's latent; factors: its (G, z') per task from fast_sgd_step, or (None, None)."""
+    G, z_new = factors
+    terms = [(g_theta, z),  # dJ/dtheta + dJ/dtheta' (c'' is built from c + p_theta) ...
+             (g_adapted, None if z_new is None else z_new - z),  # ... hence z' - z here
+             (G, g_z)]  # y = dL/dz = T^T G adds G (dJ/dy)^T
+    terms = [(a, b) for a, b in terms if a is not None and b is not None]
+    if not terms:
+        return None
+    left = [a.reshape(-1, a.shape[-1]) for a, _ in terms]  # rows (uses, P)
+    right = [b.reshape(-1, b.shape[-1]) for _, b in terms]  # rows (uses, latent)
+    return torch.cat(left).t() @ torch.cat(right)
+
+
 class TransformProbes:
     """One task's probes for one network (dicts WLinear layer prefix -> zero tensor): at dL/dz (added to the
     inner gradient of z) and at theta' (added to c''). The probe at theta is added to c itself, outside the
@@ -939,6 +965,12 @@ class TransformProbes:
         return {**stepped, **{l + "fc.bias": stepped[l + "fc.bias"] + p for l, p in self.at_adapted_weights.items()}}
 
 
+def probes_dropped(layer):
+    return RuntimeError(f"merged T gradients: the inner step of {layer} took no probes; an edited adapt must pass "
+                        f"them to the step as macaw.adapt does, or set cfg.merge_transform_gradients = False "
+                        f"(--no-merge-transform-gradients)")
+
+
 class MergedTransformGradients(torch.autograd.Function):
     """Forward: from each T (P, latent), three zero probes: at theta (P,), at dL/dz (tasks, latent) and at
     theta' (tasks, P). Backward: the probes' gradients, all at once, -> dJ/dT for every T, one product each.
@@ -949,26 +981,16 @@ class MergedTransformGradients(torch.autograd.Function):
     def forward(ctx, record, tasks, *transforms):
         ctx.record = record
         ctx.set_materialize_grads(False)  # None for a probe that J does not reach
-        return tuple(p for T in transforms for p in (T.new_zeros(T.shape[0]), T.new_zeros(tasks, T.shape[1]),
-                                                      T.new_zeros(tasks, T.shape[0])))
+        return tuple(p for T in transforms for p in zero_probes(T, tasks))
 
     @staticmethod
     def backward(ctx, *grads):
         record, grad_T = ctx.record, []
         for i, ((net, l), z) in enumerate(zip(record["layers"], record["z"])):
-            g_theta, g_z, g_adapted = grads[3 * i:3 * i + 3]
-            if g_theta is not None and l not in record["factors"][net]:
-                raise RuntimeError(f"merged T gradients: the inner step of {l} took no probes; an edited adapt "
-                                   f"must pass them to the step as macaw.adapt does, or set "
-                                   f"cfg.merge_transform_gradients = False (--no-merge-transform-gradients)")
-            G, z_new = record["factors"][net].get(l, (None, None))  # (tasks, P), (tasks, latent)
-            terms = [(g_theta, z),  # dJ/dtheta + dJ/dtheta' (c'' is built from c + p_theta) ...
-                     (g_adapted, None if z_new is None else z_new - z),  # ... hence z' - z here
-                     (G, g_z)]  # y = dL/dz = T^T G adds G (dJ/dy)^T
-            terms = [(a, b) for a, b in terms if a is not None and b is not None]
-            left = [a.reshape(-1, a.shape[-1]) for a, _ in terms]  # rows (uses, P)
-            right = [b.reshape(-1, b.shape[-1]) for _, b in terms]  # rows (uses, latent)
-            grad_T.append(torch.cat(left).t() @ torch.cat(right) if terms else None)
+            if grads[3 * i] is not None and l not in record["factors"][net]:
+                raise probes_dropped(l)
+            factors = record["factors"][net].get(l, (None, None))  # (tasks, P), (tasks, latent)
+            grad_T.append(merged_transform_gradient(z, factors, *grads[3 * i:3 * i + 3]))
         return None, None, *grad_T
 
 
@@ -977,13 +999,18 @@ def wlinear_layers(params):
     return [k[:-len("fc.weight")] for k in params if is_transform_matrix(k)]
 
 
-def merged_transform_losses(model, vparams, pparams, inner, outer, cfg):
+def merged_transform_losses(model, vparams, pparams, inner, outer, cfg, probes=None):
     """meta_losses of the default path: vmap over the stacked tasks with every T used detached, and the
-    probes that let backward() form each T's meta-gradient as one matrix product (MergedTransformGradients)."""
+    probes that let backward() form each T's meta-gradient as one matrix product (MergedTransformGradients).
+    probes (--compile only): dict(tensors=the zero probes), which compiled_meta_gradient differentiates J by
+    itself; the record of what the products need is left in it."""
     tasks, nets = len(inner["obs"]), (vparams, pparams)
     layers = [(net, l) for net, params in enumerate(nets) for l in wlinear_layers(params)]
     record = dict(layers=layers, z=[nets[net][l + "z"].detach() for net, l in layers], factors=None)
-    made = MergedTransformGradients.apply(record, tasks, *[nets[net][l + "fc.weight"] for net, l in layers])
+    if probes is None:
+        made = MergedTransformGradients.apply(record, tasks, *[nets[net][l + "fc.weight"] for net, l in layers])
+    else:
+        made, probes["record"] = probes["tensors"], record
     probes = [{}, {}]  # per network: layer -> dict(theta, z, adapted)
     for i, (net, l) in enumerate(layers):
         probes[net][l] = dict(zip(("theta", "z", "adapted"), made[3 * i:3 * i + 3]))
@@ -1064,10 +1091,10 @@ def sample_meta_batch(task_data, train_ids, cfg, gen):
             for k in ids]
 
 
-def meta_objective(model, batches, n_train_tasks, cfg):
+def meta_objective(model, batches, n_train_tasks, cfg, probes=None):
     """J: the sum over tasks of (outer value + outer policy loss) / number of TRAINING tasks (as the
-    authors divide). Returns J and the mean of every logged loss."""
-    losses = meta_losses(model, batches, cfg)
+    authors divide). Returns J and the mean of every logged loss. (probes: compiled_meta_gradient's)"""
+    losses = meta_losses(model, batches, cfg, probes)
     total = (losses["outer_value"].sum() + losses["outer_policy"].sum()) / n_train_tasks
     return total, {k: v.mean() for k, v in losses.items()}
 
@@ -1095,16 +1122,46 @@ def meta_train_step(model, optimizers, batches, n_train_tasks, cfg, meta_gradien
 
 
 def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor"):
-    """--compile: (meta-parameters, batches) -> (dJ/dparams, (J, losses)) as ONE pure function,
-    torch.func.grad of J, compiled with torch.compile. Same numbers as backward() (to ~1e-6), ~1.4x
-    faster after a minute or two of compiling (README "Speed"); never needed for correctness.
-    (torch.compile cannot trace autograd's double backward, which meta_train_step's backward() uses.
-    torch.func.grad differentiates J itself, so T must not be detached: no merged T gradients.)"""
-    cfg = dataclasses.replace(cfg, merge_transform_gradients=False)
-    def objective(params, batches):  # MACAW.forward is meta_objective, with these params in the model
-        total, stats = functional_call(model, params, (batches, n_train_tasks, cfg))
+    """--compile: (meta-parameters, batches) -> (dJ/dparams, (J, losses)) as ONE pure function, compiled with
+    torch.compile. Same numbers as backward() (to ~1e-6), ~1.4x faster after a minute or two of compiling
+    (README "Speed"); never needed for correctness. torch.compile cannot trace autograd's double backward,
+    which meta_train_step's backward() uses, so J is differentiated with torch.func.grad instead.
+    Where meta_losses merges the T gradients (the default path), this does too: J is differentiated by every
+    meta-parameter except the T's and by the zero probes (as MergedTransformGradients would be), and each
+    T's gradient is then formed from its probes' gradients in one product, merged_transform_gradient."""
+    def objective(params, batches, probes=None):  # MACAW.forward is meta_objective, with these params in the model
+        total, stats = functional_call(model, params, (batches, n_train_tasks, cfg, probes))
         return total, (total.detach(), stats)  # (what grad differentiates, what it passes through)
-    return torch.compile(grad(objective, has_aux=True), backend=backend)
+
+    if not merges_transform_gradients(cfg):
+        return torch.compile(grad(objective, has_aux=True), backend=backend)
+
+    def merged_objective(free, probe_tensors, transforms, batches):
+        probes = dict(tensors=probe_tensors)  # merged_transform_losses leaves its record in here
+        total, aux = objective({**free, **transforms}, batches, probes)
+        record = probes["record"]
+        assert [("value.", "policy.")[net] + l + "fc.weight" for net, l in record["layers"]] == list(transforms)
+        factors = []
+        for i, (net, l) in enumerate(record["layers"]):
+            if l in record["factors"][net]:
+                factors.append(record["factors"][net][l])
+            elif cfg.method == "meta-bc" and net == 0:  # no value step: zeros add nothing to dJ/dT
+                G, z_new = torch.zeros_like(probe_tensors[3 * i + 2]), record["z"][i].expand_as(probe_tensors[3 * i + 1])
+                factors.append((G, z_new))
+            else:
+                raise probes_dropped(l)
+        return total, (*aux, factors, record["z"])
+
+    def meta_gradient(params, batches):
+        transforms = {k: p for k, p in params.items() if is_transform_matrix(k)}  # value's, then policy's
+        free = {k: p for k, p in params.items() if k not in transforms}
+        probe_tensors = [p for T in transforms.values() for p in zero_probes(T, len(batches))]
+        (grads, g_probes), (total, stats, factors, zs) = grad(merged_objective, argnums=(0, 1), has_aux=True)(
+            free, probe_tensors, transforms, batches)  # T is not differentiated: only its probes are
+        for i, name in enumerate(transforms):  # the same layer order as merged_transform_losses' record
+            grads[name] = merged_transform_gradient(zs[i], factors[i], *g_probes[3 * i:3 * i + 3])
+        return grads, (total, stats)
+    return torch.compile(meta_gradient, backend=backend)
 
 
 # ================================================================================================
