@@ -12,15 +12,15 @@ supervised regressions: Monte-Carlo value regression and advantage-weighted regr
 
 How to read this file
 ---------------------
-The algorithm is sections 1-7, right after this docstring (about 1000 lines): config, tasks, the
-offline data as MACAW reads them, then the core, sections 4-7 (about 530 lines): networks, losses,
-the inner/outer loops (with the paper's two baselines, Meta-BC and multi-task AWR, a few lines each),
-evaluation. In section 6, the ~90 lines after meta_losses (merged_transform_losses) only make the
-default path faster and can wait for a second read. Sections 8 ("how the data are made": SAC and a
-scripted collector, about 350 lines) and 9 ("running it": files, locks, checkpoints, logs, plots, the
-CLI, about 400 lines) are machinery that a first read can skip. Every default mirrors the authors'
-`config/alg/standard.json` unless the README's table "Defaults that differ from the paper's code"
-says otherwise.
+The algorithm is sections 1-7, right after this docstring (about 1100 lines): config, tasks, the
+offline data as MACAW reads them, then the core, sections 4-7 (about 600 lines): networks, losses,
+the inner/outer loops (with the paper's two baselines, Meta-BC and multi-task AWR, a few lines
+each), evaluation. In section 6, the ~115 lines after meta_losses (merged_transform_losses) and
+compiled_meta_gradient (--compile) only make the step faster and can wait for a second read.
+Sections 8 ("how the data are made": SAC and a scripted collector, about 350 lines) and 9 ("running
+it": files, locks, checkpoints, logs, plots, the CLI, about 400 lines) are machinery that a first
+read can skip. Every default mirrors the authors' `config/alg/standard.json` unless the README's
+table "Defaults that differ from the paper's code" says otherwise.
 
 Key equations (one notation everywhere; code names in [brackets])
 -----------------------------------------------------------------
