@@ -170,8 +170,8 @@ class Config:
                                   "the paper; 0.5: the second half, the collector's later behaviour; README)")
     bootstrap_terminations: bool = arg(False, "add gamma^(T-t) V(s_T) to the value target also after a true "
                                               "termination (a fall), as the authors' code does (README)")
-    compile: bool = arg(False, "compute the meta-gradient with torch.compile (about 1.4x faster after a minute "
-                               "or two of compiling; needs a C compiler; same results to ~1e-6)")
+    compile: bool = arg(False, "compute the meta-gradient with torch.compile (1.2-1.8x faster after up to a "
+                               "minute or two of compiling; needs a C compiler; same results to ~1e-6)")
     vmap_tasks: bool = arg(True, "vectorise the meta-batch with torch.func.vmap (--no-vmap-tasks: the "
                                  "readable loop over tasks; same result, slower)")
     plain_inner_step: bool = arg(False, "take the inner step in its plain form, which forms the stepped "
@@ -1123,7 +1123,7 @@ def meta_train_step(model, optimizers, batches, n_train_tasks, cfg, meta_gradien
 
 def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor"):
     """--compile: (meta-parameters, batches) -> (dJ/dparams, (J, losses)) as ONE pure function, compiled with
-    torch.compile. Same numbers as backward() (to ~1e-6), ~1.4x faster after a minute or two of compiling
+    torch.compile. Same numbers as backward() (to ~1e-6), 1.2-1.8x faster after up to a minute or two of compiling
     (README "Speed"); never needed for correctness. torch.compile cannot trace autograd's double backward,
     which meta_train_step's backward() uses, so J is differentiated with torch.func.grad instead.
     Where meta_losses merges the T gradients (the default path), this does too: J is differentiated by every
