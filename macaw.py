@@ -791,7 +791,8 @@ def sgd_step(params, grads, raw_lrs, fraction=1.0, probes=None):
     fraction < 1 stops part-way: with fraction 1 - 0.9 it gives the target mix phibar of (5).
     (probes belong to the fast form only: TransformProbes.)"""
     assert probes is None
-    return {k: p - fraction * F.softplus(l) * grads[k] for (k, p), l in zip(params.items(), raw_lrs)}
+    alphas = fraction * F.softplus(raw_lrs)  # alpha_j of every tensor j, in parameter order
+    return {k: p - a * grads[k] for (k, p), a in zip(params.items(), alphas)}
 
 
 # The fast form of the same step (the default; --plain-inner-step runs sgd_step above instead).
@@ -811,16 +812,16 @@ def is_transform_matrix(name):
 def fast_sgd_step(params, grads, raw_lrs, fraction=1.0, probes=None):
     """sgd_step without the stepped copy of T: each WLinear becomes (z', T, c''); other tensors as in sgd_step.
     `grads` needs no entry for the T's. probes: see TransformProbes (the default path's merged dJ/dT)."""
-    lr = {k: fraction * F.softplus(l) for k, l in zip(params, raw_lrs)}
+    lr = dict(zip(params, fraction * F.softplus(raw_lrs)))
     if probes is not None:
         grads = probes.at_z_gradients(grads)
     stepped = {}
-    for k, p in params.items():
+    for k, p in params.items():  # (a WLinear's z comes before its T and c)
         if is_transform_matrix(k):
             stepped[k] = p  # T stays as it is
         elif k.endswith(".fc.bias"):  # c'' = c - (a_c + a_T (z . z')) G, with G = dL/dc
             layer = k[:-len("fc.bias")]
-            z, z_new = params[layer + "z"], params[layer + "z"] - lr[layer + "z"] * grads[layer + "z"]
+            z, z_new = params[layer + "z"], stepped[layer + "z"]
             stepped[k] = p - (lr[k] + lr[layer + "fc.weight"] * (z @ z_new)) * grads[k]
         else:
             stepped[k] = p - lr[k] * grads[k]
@@ -999,18 +1000,18 @@ def wlinear_layers(params):
     return [k[:-len("fc.weight")] for k in params if is_transform_matrix(k)]
 
 
-def merged_transform_losses(model, vparams, pparams, inner, outer, cfg, probes=None):
+def merged_transform_losses(model, vparams, pparams, inner, outer, cfg, compiled_probes=None):
     """meta_losses of the default path: vmap over the stacked tasks with every T used detached, and the
     probes that let backward() form each T's meta-gradient as one matrix product (MergedTransformGradients).
-    probes (--compile only): dict(tensors=the zero probes), which compiled_meta_gradient differentiates J by
-    itself; the record of what the products need is left in it."""
+    compiled_probes (--compile only): dict(tensors=the zero probes), which compiled_meta_gradient
+    differentiates J by itself; the record of what the products need is left in it."""
     tasks, nets = len(inner["obs"]), (vparams, pparams)
     layers = [(net, l) for net, params in enumerate(nets) for l in wlinear_layers(params)]
     record = dict(layers=layers, z=[nets[net][l + "z"].detach() for net, l in layers], factors=None)
-    if probes is None:
+    if compiled_probes is None:
         made = MergedTransformGradients.apply(record, tasks, *[nets[net][l + "fc.weight"] for net, l in layers])
     else:
-        made, probes["record"] = probes["tensors"], record
+        made, compiled_probes["record"] = compiled_probes["tensors"], record
     probes = [{}, {}]  # per network: layer -> dict(theta, z, adapted)
     for i, (net, l) in enumerate(layers):
         probes[net][l] = dict(zip(("theta", "z", "adapted"), made[3 * i:3 * i + 3]))
