@@ -857,8 +857,8 @@ def test_non_finite_loss_stops_with_step_terms_and_checkpoint(tmp_path, monkeypa
                        collector_steps=400, steps=10, eval_every=2)
     original, calls = macaw.meta_losses, []
 
-    def poisoned(model, batches, cfg):
-        losses = original(model, batches, cfg)
+    def poisoned(model, batches, cfg, probes=None):
+        losses = original(model, batches, cfg, probes)
         calls.append(1)
         if len(calls) == 5:
             losses["outer_value"] = losses["outer_value"] * float("nan")
