@@ -1,6 +1,10 @@
 """How the offline data were made: each collector's learning curve, read back from its replay buffer.
 
     python studies/collector_curves.py --env cheetah-vel      # after the data exist (python macaw.py --env ...)
+    python studies/collector_curves.py --env ant-dir --data-dir data-ant-lr3e-4 --collector-lr 3e-4 --out /tmp/c
+
+Any other macaw.py flag that describes the data (--collector-lr, --collector-steps, --collector-width,
+--collector-design) is passed on, for data made at other than the benchmark's defaults.
 
 A task's data is the whole replay buffer of the SAC agent trained on it, so the buffer's episode returns
 (stochastic exploring policy, in collection order) are the collector's learning curve. This script reads
@@ -48,19 +52,25 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", default="cheetah-vel")
     parser.add_argument("--data-dir", default="data")
-    args = parser.parse_args()
+    parser.add_argument("--out", default="", help="folder of the JSON and PNG (default results/<env>)")
+    args, data_flags = parser.parse_known_args()
     bench = macaw.get_benchmark(args.env)
-    cfg = macaw.parse_config(["--env", args.env, "--data-dir", args.data_dir]).resolve(bench)
-    steps, per_task, finals, randoms, lengths = curves(cfg, bench)
+    cfg = macaw.parse_config(["--env", args.env, "--data-dir", args.data_dir, *data_flags]).resolve(bench)
+    try:
+        steps, per_task, finals, randoms, lengths = curves(cfg, bench)
+    except macaw.UserError as e:
+        sys.exit(f"error: {e}")
     mean = np.nanmean(per_task, axis=0)
-    print(f"{args.env}: {len(finals)} tasks, {cfg.collector_steps} steps each (width {cfg.collector_width})")
+    print(f"{args.env}: {len(finals)} tasks, {cfg.collector_steps} steps each (width {cfg.collector_width}, "
+          f"lr {cfg.collector_lr:g})")
     for s, m, lo, hi in zip(steps, mean, np.nanmin(per_task, 0), np.nanmax(per_task, 0)):
         print(f"  up to step {s:8.0f}: mean episode return {m:8.1f}  (tasks {lo:8.1f} .. {hi:8.1f})")
     print(f"final deterministic collectors: mean {np.mean(finals):.1f} (min {min(finals):.1f}, max {max(finals):.1f}); "
           f"random policy: mean {np.mean(randoms):.1f}; mean episode length {np.mean(lengths):.0f}")
-    out = ROOT / "results" / args.env
+    out = Path(args.out) if args.out else ROOT / "results" / args.env
     out.mkdir(parents=True, exist_ok=True)
     record = dict(env=args.env, collector_steps=cfg.collector_steps, collector_width=cfg.collector_width,
+                  collector_lr=cfg.collector_lr, collector_design=cfg.collector_design,
                   window_end_steps=steps.tolist(), mean_episode_return=mean.tolist(),
                   per_task_episode_return=per_task.tolist(), collector_return=finals, random_return=randoms,
                   mean_episode_length=lengths, commit=macaw.git_commit())
@@ -75,7 +85,8 @@ if __name__ == "__main__":
     ax.axhline(np.mean(finals), color="k", ls=":", label="final deterministic collector (mean)")
     ax.axhline(np.mean(randoms), color="grey", ls="--", label="random policy (mean)")
     ax.set(xlabel="collector env steps per task", ylabel="episode return",
-           title=f"{args.env}: SAC collectors (width {cfg.collector_width}), from their buffers")
+           title=f"{args.env}: SAC collectors (width {cfg.collector_width}, lr {cfg.collector_lr:g}), "
+                 f"from their buffers")
     ax.legend(fontsize=7)
     fig.tight_layout()
     macaw.atomic_write(out / "collector_curves.png", lambda f: fig.savefig(f, format="png", dpi=110))
