@@ -1931,7 +1931,7 @@ def run_locked(cfg, bench, run_dir, stop):
     if cfg.compile:
         print("--compile: the first meta-step compiles the meta-gradient (a minute or two)")
     bar = tqdm(total=cfg.steps, initial=step, desc="meta-train", mininterval=1, dynamic_ncols=True)
-    t_start, interval_start = time.time() - wall_time, time.time()
+    t_start, interval_start, first_step = time.time() - wall_time, time.time(), step
     try:
         while step < cfg.steps and not stop:
             batches = sample_meta_batch(task_data, bench.train_ids, cfg, gen)
@@ -1940,6 +1940,12 @@ def run_locked(cfg, bench, run_dir, stop):
             except NonFiniteError as e:
                 raise UserError(f"non-finite loss at step {step + 1} ({e}); the last good checkpoint is "
                                 f"{ckpt_path} (step {records[-1]['step'] if records else 0})") from None
+            except Exception as e:  # the first --compile step compiles: no C compiler, a torch.compile limit, ...
+                if meta_gradient is None or step > first_step:
+                    raise
+                first_line = (str(e).strip().splitlines() or [""])[0][:200]
+                raise UserError(f"--compile: torch.compile failed ({type(e).__name__}: {first_line}); run without "
+                                f"--compile (the same results, slower)") from e
             step += 1
             running.append(stats)
             bar.update(1)

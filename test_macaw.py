@@ -1065,6 +1065,21 @@ def test_main_returns_its_exit_code_instead_of_exiting(tmp_path, capsys):
     assert "valid envs" in capsys.readouterr().err
 
 
+def test_a_failing_compile_is_one_line_that_names_the_fix(tmp_path, monkeypatch, capsys):
+    """--compile needs a C compiler and torch.compile's support: if compiling the first step fails, the run
+    stops with one line that says so and how to run without it (tests never really compile)."""
+    def compiled(*args, **kw):
+        def fail(params, batches):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(more lines)")
+        return fail
+    monkeypatch.setattr(macaw, "compiled_meta_gradient", compiled)
+    assert macaw.main(TINY + ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
+                              "--steps", "2", "--compile"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: --compile: torch.compile failed") and "No working C++ compiler" in err
+    assert "run without --compile" in err and "more lines" not in err
+
+
 def test_point_robot_runs_without_mujoco_installed(tmp_path):
     code = (f"import sys; sys.modules['mujoco'] = None; sys.path.insert(0, {str(HERE)!r}); import macaw; "
             f"sys.exit(macaw.main({TINY + ['--steps', '2', '--eval-every', '2']!r}))")
