@@ -1142,14 +1142,11 @@ def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor"):
         total, aux = objective({**free, **transforms}, batches, probes)
         record = probes["record"]
         assert [("value.", "policy.")[net] + l + "fc.weight" for net, l in record["layers"]] == list(transforms)
-        factors = []
+        factors = {}  # layer index -> its (G, z'); none for a layer without an inner step (Meta-BC's value function)
         for i, (net, l) in enumerate(record["layers"]):
             if l in record["factors"][net]:
-                factors.append(record["factors"][net][l])
-            elif cfg.method == "meta-bc" and net == 0:  # no value step: zeros add nothing to dJ/dT
-                G, z_new = torch.zeros_like(probe_tensors[3 * i + 2]), record["z"][i].expand_as(probe_tensors[3 * i + 1])
-                factors.append((G, z_new))
-            else:
+                factors[i] = record["factors"][net][l]
+            elif not (cfg.method == "meta-bc" and net == 0):
                 raise probes_dropped(l)
         return total, (*aux, factors, record["z"])
 
@@ -1160,7 +1157,7 @@ def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor"):
         (grads, g_probes), (total, stats, factors, zs) = grad(merged_objective, argnums=(0, 1), has_aux=True)(
             free, probe_tensors, transforms, batches)  # T is not differentiated: only its probes are
         for i, name in enumerate(transforms):  # the same layer order as merged_transform_losses' record
-            grads[name] = merged_transform_gradient(zs[i], factors[i], *g_probes[3 * i:3 * i + 3])
+            grads[name] = merged_transform_gradient(zs[i], factors.get(i, (None, None)), *g_probes[3 * i:3 * i + 3])
         return grads, (total, stats)
     return torch.compile(meta_gradient, backend=backend)
 
