@@ -4,7 +4,7 @@
     python benchmarks/compare_commits.py dbcdc50 577fb6b --path merged plain
 
 Each commit's macaw.py is read with `git show` into a temporary file and imported under its own name; for each
-path and task count both are set up like benchmarks/meta_step.py (paper sizes, synthetic cheetah-sized batches,
+path and task count both are set up by benchmarks/meta_step.py's setup() (paper sizes, synthetic cheetah-sized batches,
 1 thread) and timed in alternating windows. Prints the median meta-steps/s of each and their ratio (min-max in
 brackets). Speeds from another day or machine are not comparable: this is for changes measured side by side.
 """
@@ -14,14 +14,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import meta_step  # noqa: E402  (PATHS, synthetic_batches; imports the working tree's macaw)
+import meta_step  # noqa: E402  (its setup() builds each path's model, optimisers and batches)
 
 
 def load_macaw(commit, folder):
@@ -34,16 +33,6 @@ def load_macaw(commit, folder):
     sys.modules[path.stem] = module  # (dataclasses and pickling look modules up by name)
     spec.loader.exec_module(module)
     return module
-
-
-def make_step(m, path, tasks):
-    cfg = m.Config(**meta_step.PATHS.get(path, {}))
-    torch.manual_seed(0)
-    model = m.MACAW(meta_step.OBS_DIM, meta_step.ACT_DIM, cfg)
-    batches = meta_step.synthetic_batches(cfg, tasks)
-    optimizers = m.make_optimizers(model, cfg)
-    gradient = m.compiled_meta_gradient(model, tasks, cfg) if path == "compiled" else None
-    return lambda: m.meta_train_step(model, optimizers, batches, tasks, cfg, gradient)
 
 
 def main():
@@ -59,18 +48,13 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         modules = {c: load_macaw(c, folder) for c in (args.a, args.b)}
         for tasks in args.tasks:
-            steps = {(c, p): make_step(m, p, tasks) for c, m in modules.items() for p in args.path}
-            for step in steps.values():  # warm-up (and, for "compiled", compiling)
-                for _ in range(3):
-                    step()
-            rates = {k: [] for k in steps}
+            states = {(c, p): meta_step.setup(p, tasks, "cpu", m) for c, m in modules.items() for p in args.path}
+            for state in states.values():  # warm-up (and, for "compiled", compiling)
+                meta_step.steps_per_second(state, 0.5, "cpu")
+            rates = {k: [] for k in states}
             for _ in range(args.repeats):
-                for k, step in steps.items():
-                    n, start = 0, time.perf_counter()
-                    while time.perf_counter() - start < args.seconds:
-                        step()
-                        n += 1
-                    rates[k].append(n / (time.perf_counter() - start))
+                for k, state in states.items():  # interleaved
+                    rates[k].append(meta_step.steps_per_second(state, args.seconds, "cpu"))
             for p in args.path:
                 a, b = (rates[(c, p)] for c in (args.a, args.b))
                 print(f"{tasks} tasks, {p:>8}: {args.a} {statistics.median(a):6.2f} ({min(a):.1f}-{max(a):.1f})   "

@@ -54,7 +54,9 @@ def synthetic_batches(cfg, tasks, seed=0):
     return [(batch(cfg.inner_batch), batch(cfg.outer_batch)) for _ in range(tasks)]
 
 
-def setup(path, tasks, device):
+def setup(path, tasks, device, macaw=macaw):
+    """(cfg, model, optimizers, batches, step) for one path; `macaw`: the module to time (benchmarks/compare_commits.py
+    passes another commit's)."""
     cfg = macaw.Config(device=device, **PATHS.get(path, {}))
     torch.manual_seed(0)
     model = macaw.MACAW(OBS_DIM, ACT_DIM, cfg).to(device)
