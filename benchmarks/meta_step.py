@@ -54,10 +54,10 @@ def synthetic_batches(cfg, tasks, seed=0):
     return [(batch(cfg.inner_batch), batch(cfg.outer_batch)) for _ in range(tasks)]
 
 
-def setup(path, tasks, device, macaw=macaw):
+def setup(path, tasks, device, macaw=macaw, **sizes):
     """(cfg, model, optimizers, batches, step) for one path; `macaw`: the module to time (benchmarks/compare_commits.py
-    passes another commit's)."""
-    cfg = macaw.Config(device=device, **PATHS.get(path, {}))
+    passes another commit's); sizes: Config fields to change (benchmarks/step_profile.py's tiny networks)."""
+    cfg = macaw.Config(device=device, **PATHS.get(path, {}), **sizes)
     torch.manual_seed(0)
     model = macaw.MACAW(OBS_DIM, ACT_DIM, cfg).to(device)
     batches = [tuple({k: v.to(device) for k, v in b.items()} for b in pair) for pair in synthetic_batches(cfg, tasks)]

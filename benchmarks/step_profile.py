@@ -3,8 +3,9 @@
     python benchmarks/step_profile.py                # 5 tasks, 1 thread, the default (merged) path
     python benchmarks/step_profile.py --path vmap --tasks 2
 
-1. Times `--steps` full training steps of `--path` (the paths of benchmarks/meta_step.py) and profiles a
-   few of them with torch.profiler: the ops that take the most self time, grouped by input shapes
+1. Times `--steps` full training steps of `--path` (the paths of benchmarks/meta_step.py), then the same
+   step with networks of width 8 and batches of 8 (the same ops with almost no work in them: the per-op
+   overhead), and profiles a few full steps with torch.profiler: the ops that take the most self time, grouped by input shapes
    (milliseconds per step; the profiler itself adds some overhead).
 2. Times a few of the step's typical ops alone, cache-hot (the same inputs again and again) and cold
    (a 128 MB buffer is written between calls, which evicts the inputs from the core's caches), and the
@@ -22,6 +23,9 @@ from torch.profiler import ProfilerActivity, profile
 HERE = Path(__file__).resolve().parent  # benchmarks/
 sys.path.insert(0, str(HERE))
 import meta_step  # noqa: E402  (its setup() builds a model, optimisers and synthetic batches for each path)
+
+
+TINY = dict(net_width=8, latent_dim=8, adv_head_width=8, inner_batch=8, outer_batch=8)
 
 
 def timed(fn, n, evict=None):
@@ -52,6 +56,13 @@ def main():
         step(batches)
     per_step = timed(lambda: step(batches), args.steps)
     print(f"{args.path}, {args.tasks} tasks, {args.threads} thread(s): {per_step:.1f} ms per meta-step")
+    # The same step with tiny networks and batches: the same ops, almost no arithmetic or memory traffic, so
+    # its time is the per-op overhead (Python, dispatch, autograd, vmap) that the full step also pays.
+    tiny = meta_step.setup(args.path, args.tasks, "cpu", **TINY)
+    for _ in range(5):
+        tiny[4](tiny[3])
+    floor = timed(lambda: tiny[4](tiny[3]), args.steps)
+    print(f"the same step at {', '.join(f'{k}={v}' for k, v in TINY.items())}: {floor:.1f} ms (per-op overhead)")
     profiled = 5
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(profiled):
