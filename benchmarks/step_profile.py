@@ -5,8 +5,8 @@
 
 1. Times `--steps` full training steps of `--path` (the paths of benchmarks/meta_step.py), then the same
    step with networks of width 8 and batches of 8 (the same ops with almost no work in them: the per-op
-   overhead), and profiles a few full steps with torch.profiler: the ops that take the most self time, grouped by input shapes
-   (milliseconds per step; the profiler itself adds some overhead).
+   overhead), and profiles a few full steps with torch.profiler: the ops that take the most self time,
+   grouped by input shapes (milliseconds per step; the profiler itself adds some overhead).
 2. Times a few of the step's typical ops alone, cache-hot (the same inputs again and again) and cold
    (a 128 MB buffer is written between calls, which evicts the inputs from the core's caches), and the
    rate at which one core streams memory (an in-place add over 128 MB). An op that takes its cold time
