@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 FIXTURE = HERE / "fixtures" / "authors_meta_step_small.pt"
 torch.set_num_threads(1)
 # The fidelity and fast-vs-plain tests run on this device; on a GPU machine:
-#   MACAW_TEST_DEVICE=cuda python -m pytest test_macaw.py -k "authors or paper_width or loop_and_vmap"
+#   MACAW_TEST_DEVICE=cuda python -m pytest test_macaw.py -k "authors or paper_width or same_meta_gradient or merged"
 DEVICE = os.environ.get("MACAW_TEST_DEVICE", "cpu")
 
 
@@ -66,9 +66,12 @@ def fixture_batches(fx):
     return [(convert(b["inner"]), convert(b["outer"])) for b in fx["batches"]]
 
 
-PATHS = {"fast-loop": dict(vmap_tasks=False), "plain-loop": dict(vmap_tasks=False, plain_inner_step=True),
-         "fast-vmap-merged (default)": {}, "fast-vmap": dict(merge_transform_gradients=False),
-         "plain-vmap": dict(plain_inner_step=True)}
+# Every form of the meta-step: (meta_losses, adapt) of section 6 as written (--plain) and of section 10's
+# faster forms: vmap + fast inner step with autograd's own T gradients, and the default (merged T gradients).
+PATHS = {"plain (section 6)": (macaw.meta_losses, macaw.adapt),
+         "vmap (autograd T)": (lambda model, batches, cfg: macaw.fast_meta_losses(model, batches, cfg, merge=False),
+                               macaw.fast_adapt),
+         "default (merged T)": (macaw.fast_meta_losses, macaw.fast_adapt)}
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -76,13 +79,14 @@ def test_reproduces_authors_meta_step(fx, path):
     torch.set_num_threads(2)  # the fixture was recorded with 2 threads
     try:
         settings = fx["settings"]  # the authors' standard.json values (this project's value lr differs)
-        cfg = small_config(**PATHS[path], device=DEVICE,
+        meta_losses, adapt = PATHS[path]
+        cfg = small_config(device=DEVICE,
                            outer_value_lr=settings["outer_value_lr"],
                            outer_policy_lr=settings["outer_policy_lr"], outer_log_lr_lr=settings["log_lr_lr"])
         model = fixture_model(fx, cfg)
         batches = fixture_batches(fx)
         optimizers = macaw.make_optimizers(model, cfg)
-        losses = macaw.meta_losses(model, batches, cfg)
+        losses = meta_losses(model, batches, cfg)
         names = dict(inner_value="inner_value_loss", outer_value="outer_value_loss",
                      inner_policy="inner_policy_loss", inner_head="inner_policy_head_loss",
                      outer_policy="outer_policy_loss")
@@ -92,7 +96,7 @@ def test_reproduces_authors_meta_step(fx, path):
             # AWR weights and advantage means, recomputed from the adapted value function
             vparams, pparams = model.params()
             inner, outer = batches[t]
-            adapted_v, _, _, _ = macaw.adapt(model, vparams, pparams, inner, cfg)
+            adapted_v, _, _, _ = adapt(model, vparams, pparams, inner, cfg)
             for key, batch in (("inner", inner), ("outer", outer)):
                 adv = macaw.advantages(model.value, adapted_v, batch)
                 torch.testing.assert_close(macaw.awr_weights(adv, cfg.adv_clip), ref[f"{key}_awr_weights"],
@@ -301,21 +305,24 @@ def test_mt_awr_fine_tuning_lowers_its_loss_and_the_task_id_is_zeroed_for_test_t
     assert loss(tuned, vparams) < loss(pparams, vparams)
 
 
-def meta_gradient(cfg, batches, obs_dim=5, act_dim=2):
+def meta_gradient(meta_losses, cfg, batches, obs_dim=5, act_dim=2):
     torch.manual_seed(0)
     model = macaw.MACAW(obs_dim, act_dim, cfg).to(DEVICE)
     batches = [tuple({k: v.to(DEVICE) for k, v in b.items()} for b in pair) for pair in batches]
-    losses = macaw.meta_losses(model, batches, cfg)
+    losses = meta_losses(model, batches, cfg)
     ((losses["outer_value"].sum() + losses["outer_policy"].sum()) / len(batches)).backward()
-    return {name: p.grad.clone() for name, p in model.named_parameters()}, losses
+    return {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}, losses
 
 
 def test_fast_and_plain_inner_steps_agree_at_paper_width():
     """The fast form (no stepped copy of T) is the same function as the plain form: same adapted
     weights, same losses, same meta-gradient for every meta-parameter, at the paper's sizes."""
     batches = [(random_batch(256, 17, 6, seed=2 * t), random_batch(256, 17, 6, seed=2 * t + 1)) for t in range(2)]
-    fast, fast_losses = meta_gradient(macaw.Config(device=DEVICE), batches, 17, 6)
-    plain, plain_losses = meta_gradient(macaw.Config(device=DEVICE, plain_inner_step=True), batches, 17, 6)
+    def fast_loop(model, batches, cfg):  # the fast inner step alone, in section 6's loop over tasks
+        losses = [macaw.fast_task_meta_losses(model, *model.params(), inner, outer, cfg) for inner, outer in batches]
+        return {k: torch.stack([l[k] for l in losses]) for k in losses[0]}
+    fast, fast_losses = meta_gradient(fast_loop, macaw.Config(device=DEVICE), batches, 17, 6)
+    plain, plain_losses = meta_gradient(macaw.meta_losses, macaw.Config(device=DEVICE), batches, 17, 6)
     for key in fast_losses:
         torch.testing.assert_close(fast_losses[key], plain_losses[key], rtol=1e-5, atol=0)
     for name, g in plain.items():
@@ -323,18 +330,25 @@ def test_fast_and_plain_inner_steps_agree_at_paper_width():
     torch.manual_seed(0)
     model = macaw.MACAW(17, 6, macaw.Config()).to(DEVICE)
     inner = {k: v.to(DEVICE) for k, v in batches[0][0].items()}
-    adapted = [macaw.adapt(model, *model.params(), inner, macaw.Config(plain_inner_step=plain)) for plain in (False, True)]
+    adapted = [adapt(model, *model.params(), inner, macaw.Config()) for adapt in (macaw.fast_adapt, macaw.adapt)]
     x = torch.randn(64, 17, device=DEVICE)
     for index, net in ((0, model.value), (1, model.policy), (2, model.value)):  # phi', theta', phibar
         out_fast, out_plain = (torch.func.functional_call(net, a[index], (x,)) for a in adapted)
         torch.testing.assert_close(out_fast, out_plain, rtol=1e-5, atol=1e-6)
 
 
-def test_loop_and_vmap_give_the_same_meta_gradient():
-    """The readable loop over tasks (the default) and torch.func.vmap over tasks are the same function."""
+@pytest.mark.parametrize("flags", [{}, dict(weight_transform=False), dict(method="meta-bc"), dict(method="mt-awr")],
+                         ids=["macaw", "no-weight-transform", "meta-bc", "mt-awr"])
+def test_plain_and_fast_forms_give_the_same_meta_gradient(flags):
+    """Section 6's loop over tasks with the plain step and section 10's default form are the same function,
+    for MACAW, its ablation and both baselines."""
     batches = [(random_batch(32, seed=2 * t), random_batch(32, seed=2 * t + 1)) for t in range(3)]
-    grads = [meta_gradient(small_config(vmap_tasks=vmap_tasks, device=DEVICE), batches)[0] for vmap_tasks in (False, True)]
+    grads = [meta_gradient(f, small_config(device=DEVICE, **flags), batches)[0]
+             for f in (macaw.meta_losses, macaw.fast_meta_losses)]
     for name, g in grads[0].items():
+        if not g.any():  # Meta-BC never uses its value function
+            assert not grads[1][name].any(), name
+            continue
         assert ((grads[1][name] - g).norm() / g.norm()).item() < 1e-4, name
 
 
@@ -348,10 +362,10 @@ def test_merged_transform_gradients_equal_autograds_own(method):
         grads = []
         for merge in (True, False):
             torch.manual_seed(0)
-            cfg = small_config(method=method, device=DEVICE, merge_transform_gradients=merge)
+            cfg = small_config(method=method, device=DEVICE)
             model = macaw.MACAW(5, 2, cfg).to(DEVICE)
             data = [tuple({k: v.to(DEVICE) for k, v in b.items()} for b in pair) for pair in batches]
-            losses = macaw.meta_losses(model, data, cfg)
+            losses = macaw.fast_meta_losses(model, data, cfg, merge=merge)
             sum(losses[k].sum() for k in keys).backward()
             grads.append({n: p.grad for n, p in model.named_parameters()})
         for name, g in grads[1].items():
@@ -362,20 +376,37 @@ def test_merged_transform_gradients_equal_autograds_own(method):
         assert any(macaw.is_transform_matrix(n) and g is not None and g.any() for n, g in grads[0].items())
 
 
-def test_an_edited_adapt_that_drops_the_probes_fails_loudly(monkeypatch):
-    """An edit of adapt that does not pass its probes on would make the merged T gradients wrong: backward()
-    and the --compile path (here with the 'eager' backend) say so instead, and name the switch."""
+def test_an_edited_fast_adapt_that_drops_the_probes_fails_loudly(monkeypatch):
+    """An edit of fast_adapt that does not pass its probes on would make the merged T gradients wrong: backward()
+    and the --compile path (here with the 'eager' backend) say so instead, and name the fix."""
     cfg = small_config()
     model = macaw.MACAW(5, 2, cfg)
-    original = macaw.adapt
-    monkeypatch.setattr(macaw, "adapt", lambda model, v, p, inner, cfg, probes=(None, None): original(model, v, p, inner, cfg))
+    original = macaw.fast_adapt
+    monkeypatch.setattr(macaw, "fast_adapt", lambda model, v, p, inner, cfg, probes=(None, None):
+                        original(model, v, p, inner, cfg))
     batches = [(random_batch(32, seed=0), random_batch(32, seed=1))]
-    losses = macaw.meta_losses(model, batches, cfg)
-    with pytest.raises(RuntimeError, match="no-merge-transform-gradients"):
+    losses = macaw.fast_meta_losses(model, batches, cfg)
+    with pytest.raises(RuntimeError, match="--plain"):
         losses["outer_value"].sum().backward()
     compiled = macaw.compiled_meta_gradient(model, 1, cfg, "eager")
-    with pytest.raises(RuntimeError, match="no-merge-transform-gradients"):
+    with pytest.raises(RuntimeError, match="--plain"):
         compiled({k: p.detach() for k, p in model.named_parameters()}, batches)
+
+
+@pytest.mark.parametrize("name", ["adapt", "task_meta_losses", "sgd_step"])
+def test_a_replaced_section_6_function_stops_the_fast_forms_with_the_fix(tmp_path, monkeypatch, name):
+    """The faster forms would silently ignore an edit of section 6 (an exercise's two inner steps, say): a run
+    that would take them stops with one line naming --plain, and with --plain the edit is what runs."""
+    calls = []
+    original = getattr(macaw, name)
+    monkeypatch.setattr(macaw, name, lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    flags = ["--env", "point-robot", "--steps", "2", "--eval-every", "2", "--net-width", "8", "--latent-dim", "4",
+             "--final-eval-rollouts", "1", "--eval-rollouts", "1", "--data-dir", str(tmp_path / "data"),
+             "--out", str(tmp_path / "runs")]
+    with pytest.raises(macaw.UserError, match=f"macaw.{name} was replaced.*--plain"):
+        macaw.train(macaw.parse_config(flags))
+    macaw.train(macaw.parse_config(flags + ["--plain", "--run-name", "plain"]))
+    assert calls
 
 
 def test_meta_training_changes_step_sizes_and_memory_stays_flat():
@@ -424,11 +455,14 @@ def test_cheetah_dir_tasks_have_opposite_rewards():
 
 def test_mujoco_warnings_reach_stderr_but_not_the_settotalmass_one(capfd, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MuJoCo's own handler would write MUJOCO_LOG.TXT here
-    macaw.make_task_env(macaw.BENCHMARKS["cheetah-vel"], 0).reset(seed=0)  # half_cheetah.xml: 'settotalmass'
-    macaw.mujoco_warning("Nan, Inf or huge value in QACC at DOF 0")
+    before = macaw.mujoco.get_mju_user_warning()
+    with macaw.mujoco_warnings():  # what a run and a data worker install while they last
+        macaw.make_task_env(macaw.BENCHMARKS["cheetah-vel"], 0).reset(seed=0)  # half_cheetah.xml: 'settotalmass'
+        macaw.mujoco_warning("Nan, Inf or huge value in QACC at DOF 0")
     err = capfd.readouterr().err
     assert "settotalmass" not in err and "MuJoCo warning: Nan, Inf" in err
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+    assert macaw.mujoco.get_mju_user_warning() is before  # importing or running leaves the process's handler
 
 
 def body_xy(env):
@@ -572,7 +606,7 @@ class FakeTaskData:
 def write_point_data(tmp_path):
     cfg = macaw.Config(env="point-robot", data_dir=str(tmp_path), collector_steps=400)
     bench = macaw.BENCHMARKS["point-robot"]
-    cfg.resolve(bench)
+    cfg = cfg.resolve(bench)
     macaw.ensure_data(cfg, bench)
     return cfg, bench
 
@@ -830,7 +864,7 @@ def test_same_seed_gives_the_same_evaluation_returns_and_records_versions(tmp_pa
 def test_interrupted_data_generation_keeps_finished_tasks(tmp_path, monkeypatch):
     cfg = macaw.Config(env="point-robot", data_dir=str(tmp_path), collector_steps=400)
     bench = macaw.BENCHMARKS["point-robot"]
-    cfg.resolve(bench)
+    cfg = cfg.resolve(bench)
     original, calls = macaw.collect_scripted, []
 
     def collect_then_interrupt(env, steps, seed):
@@ -972,7 +1006,7 @@ from pathlib import Path
 import macaw
 cfg = macaw.Config(env="point-robot", collector_steps=400)
 bench = macaw.BENCHMARKS["point-robot"]
-cfg.resolve(bench)
+cfg = cfg.resolve(bench)
 with macaw.folder_lock(Path("data/point-robot"), wait=False, purpose="a test"):
     print("locked", flush=True)
     time.sleep(4)
@@ -1198,27 +1232,27 @@ def test_solution_runs(tmp_path, script):
 
 
 @pytest.mark.parametrize("study", ["main", "ablation"])
-def test_compare_methods_study_runs_end_to_end_at_a_tiny_size(tmp_path, study, capsys):
+def test_compare_methods_study_runs_end_to_end_at_a_tiny_size(tmp_path, study, monkeypatch):
     sys.path.insert(0, str(HERE / "studies"))
     import compare_methods
     tiny = ["net_width=16", "latent_dim=8", "inner_batch=32", "outer_batch=32", "eval_batch=32",
             "final_eval_rollouts=1", "eval_rollouts=1", "collector_steps=400", f"data_dir={tmp_path / 'data'}"]
     variants = [*compare_methods.STUDIES[study], *(["no-weight-transform-wide"] if study == "ablation" else [])]
     compare_methods.main([study, "--envs", "point-robot", "--seeds", "1", "--steps", "4", "--eval-every", "2",
-                          "--jobs", "2", "--out", str(tmp_path / "runs"), "--results", str(tmp_path),
+                          "--jobs", "2", "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "studies"),
                           "--variants", *variants, "--set", *tiny])
-    out = json.loads((tmp_path / f"{study}.json").read_text())
+    out = json.loads((tmp_path / "studies" / f"{study}.json").read_text())
     assert {r["variant"] for r in out["runs"]} == set(variants)
     assert all(len(r["curve"]) == 2 and r["summary"]["steps"] == 4 for r in out["runs"])
-    assert (tmp_path / f"{study}.png").stat().st_size > 0
+    assert (tmp_path / "studies" / f"{study}.png").stat().st_size > 0
     if study == "ablation":  # the wide plain networks have (at least, and about) MACAW's parameter count
         count = lambda **kw: sum(p.numel() for p in macaw.MACAW(17, 6, macaw.Config(**{"net_width": 16, "latent_dim": 8,
                                                                                        **kw})).parameters())
         width = next(r["net_width"] for r in out["runs"] if r["variant"] == "no-weight-transform-wide")
         assert count(weight_transform=False, net_width=width - 1) < count() <= count(weight_transform=False, net_width=width)
-    import study_tables
-    study_tables.main(["--results", str(tmp_path)])
-    assert f"| point-robot | {variants[-1]} |" in capsys.readouterr().out
+    import tables
+    monkeypatch.setattr(tables, "RESULTS", tmp_path)
+    assert f"| point-robot | {variants[-1]} |" in tables.comparison_table(study)
 
 
 def test_sigterm_to_a_comparison_study_stops_every_run_with_a_checkpoint(tmp_path):
@@ -1252,7 +1286,7 @@ def test_sigterm_to_a_comparison_study_stops_every_run_with_a_checkpoint(tmp_pat
     assert all(0 < s < 100000 for s in steps)
 
 
-def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path, capsys):
+def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path, monkeypatch):
     sys.path.insert(0, str(HERE / "studies"))
     import adaptation_probe
     runs = []
@@ -1278,15 +1312,15 @@ def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path, capsys):
         for (steps, returns), in res["curves"].values():
             assert len(returns) == 3 and steps[0] == 0 and steps[2] > steps[1] > 0  # 2 episodes of up to 20 steps
     assert (tmp_path / "online_finetune_point-robot.png").stat().st_size > 0
-    import study_tables
-    tables = tmp_path / "tables"
-    tables.mkdir()
+    import tables
+    folder = tmp_path / "tables" / "studies"
+    folder.mkdir(parents=True)
     for name in ("consistency", "data_quality"):  # the probe's output, under each study's name
-        (tables / f"{name}_point-robot.json").write_text((tmp_path / "probe_point-robot.json").read_text())
-    (tables / "online_finetune_point-robot.json").write_text((tmp_path / "online_finetune_point-robot.json").read_text())
-    capsys.readouterr()
-    study_tables.main(["--results", str(tables)])
-    printed = capsys.readouterr().out
+        (folder / f"{name}_point-robot.json").write_text((tmp_path / "probe_point-robot.json").read_text())
+    (folder / "online_finetune_point-robot.json").write_text((tmp_path / "online_finetune_point-robot.json").read_text())
+    monkeypatch.setattr(tables, "RESULTS", tmp_path / "tables")
+    printed = "\n".join(f("point-robot") for f in (tables.consistency_table, tables.data_quality_table,
+                                                      tables.online_table))
     assert printed.count("| meta-bc |") == 2 + 2 + 1  # consistency: 2 sizes; data quality: 2 step counts; online
 
 
@@ -1322,18 +1356,18 @@ def test_ant_progress_separates_walking_from_standing_in_stored_episodes():
     assert ant_progress.data_progress(data, 2) == (pytest.approx(3.75), pytest.approx(3.75))  # (6 + 1.5) / 2
 
 
-@pytest.mark.parametrize("kw", [{}, dict(merge_transform_gradients=False), dict(method="meta-bc")],
-                         ids=["merged", "autograd-T", "meta-bc"])
+@pytest.mark.parametrize("kw", [{}, dict(weight_transform=False), dict(method="meta-bc")],
+                         ids=["merged", "no-weight-transform", "meta-bc"])
 def test_compiled_meta_gradient_path_matches_backward(kw):
     """--compile differentiates J as one pure function (torch.func.grad), with each T's gradient from its probes
-    as on the default path (merged), or from torch.func.grad itself; checked here with the 'eager' backend (the
+    as on the default path (merged), or, with no T to merge, from torch.func.grad itself; checked here with the 'eager' backend (the
     same traced function without code generation, to keep the test fast)."""
     torch.manual_seed(0)
     cfg = small_config(**kw)
     batches = [(random_batch(32, seed=2 * t), random_batch(32, seed=2 * t + 1)) for t in range(2)]
     models = [macaw.MACAW(5, 2, cfg) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    stats = [macaw.meta_train_step(m, macaw.make_optimizers(m, cfg), batches, 3, cfg, gradient)
+    stats = [macaw.fast_meta_train_step(m, macaw.make_optimizers(m, cfg), batches, 3, cfg, True, gradient)
              for m, gradient in ((models[0], None), (models[1], macaw.compiled_meta_gradient(models[1], 3, cfg, "eager")))]
     assert stats[0] == pytest.approx(stats[1], rel=1e-5)
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):

@@ -8,11 +8,13 @@ editing `adapt` and `task_meta_losses` in the file), following the authors' `--m
 - then K policy steps, each on its sub-batch, with advantages recomputed on that sub-batch from the
   FINAL adapted value function phi_K (no gradient), and the same policy step sizes every step;
 - the outer losses use phi_K, theta_K and the last phibar. Test-time adaptation takes K steps too.
-It is written in the plain form of the inner step (macaw.sgd_step, a stepped copy of every tensor),
-the one a reader learns first, and runs with --plain-inner-step so that K = 1 can be checked against
-macaw.adapt tensor by tensor (the fast form gives the same networks with other tensors).
+It is written in section 6's form (macaw.sgd_step, a stepped copy of every tensor), which is what
+macaw.meta_train_step runs, so K = 1 can be checked against macaw.adapt tensor by tensor. Use that
+form for any multi-step edit: section 10's fast inner step is exact for ONE step only, and a default
+`python macaw.py` / macaw.train run stops with a one-line error naming --plain when section 6 has
+been replaced, rather than silently train without the edit.
 """
-from common import macaw, mean_and_spread, meta_train, parse_args, point_robot
+from common import macaw, mean_and_spread, meta_train, parse_args, point_robot, replaced
 from torch.func import grad
 
 
@@ -42,8 +44,8 @@ def adapt_k(model, vparams, pparams, inner, cfg, k):
     return adapted_v, adapted_p, target_v, stats
 
 
-def install(k):
-    """Replace macaw.adapt (used by evaluate) and macaw.task_meta_losses (used by meta_losses)."""
+def k_step_functions(k):
+    """Replacements for macaw.adapt (used by evaluate) and macaw.task_meta_losses (used by meta_losses)."""
     def adapt(model, vparams, pparams, inner, cfg):
         return adapt_k(model, vparams, pparams, inner, cfg, k)
 
@@ -55,24 +57,22 @@ def install(k):
         outer_pi = macaw.awr_policy_loss(model.policy, adapted_p, outer, adv, cfg)
         return dict(outer_value=outer_v, outer_policy=outer_pi, **stats)
 
-    macaw.adapt, macaw.task_meta_losses = adapt, task_meta_losses
+    return dict(adapt=adapt, task_meta_losses=task_meta_losses)
 
 
 if __name__ == "__main__":
     args = parse_args(__doc__.splitlines()[0])
     steps, seeds = (5, [0]) if args.quick else (300, [0, 1, 2])
-    cfg, bench, data = point_robot(args.data_dir, plain_inner_step=True)  # the form adapt_k is written in
-    original = macaw.adapt, macaw.task_meta_losses
+    cfg, bench, data = point_robot(args.data_dir)
     print(f"point-robot, {steps} meta-steps, held-out goals, return after adaptation (mean +- std over seeds)")
     for k in (1, 2):
-        install(k)
-        if k == 1:  # K = 1 must be exactly the plain algorithm: check on a batch
-            inner = data[0].contiguous_batch(cfg.inner_batch, macaw.torch.Generator().manual_seed(0))
-            model = macaw.MACAW(2, 2, cfg)
-            mine = macaw.adapt(model, *model.params(), inner, cfg)[1]
-            plain = original[0](model, *model.params(), inner, cfg)[1]
-            assert all(macaw.torch.allclose(mine[n], plain[n], rtol=1e-4, atol=1e-6) for n in plain), \
-                "K = 1 differs from macaw.adapt"
-        posts = [meta_train(cfg, bench, data, steps, seed)[1][-1]["post"] for seed in seeds]
+        with replaced(**k_step_functions(k)) as original:
+            if k == 1:  # K = 1 must be exactly the plain algorithm: check on a batch
+                inner = data[0].contiguous_batch(cfg.inner_batch, macaw.torch.Generator().manual_seed(0))
+                model = macaw.MACAW(2, 2, cfg)
+                mine = macaw.adapt(model, *model.params(), inner, cfg)[1]
+                plain = original["adapt"](model, *model.params(), inner, cfg)[1]
+                assert all(macaw.torch.allclose(mine[n], plain[n], rtol=1e-4, atol=1e-6) for n in plain), \
+                    "K = 1 differs from macaw.adapt"
+            posts = [meta_train(cfg, bench, data, steps, seed)[1][-1]["post"] for seed in seeds]
         print(f"  K = {k} inner step(s): {mean_and_spread(posts)}   per seed {[round(p, 2) for p in posts]}")
-    macaw.adapt, macaw.task_meta_losses = original

@@ -191,7 +191,7 @@ def plot(table, title, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or " ").splitlines()[0])
     parser.add_argument("runs", nargs="*", type=Path)
     parser.add_argument("--replot", type=Path, help="only redraw the figure of this results JSON")
     parser.add_argument("--adaptations", type=int, default=10)

@@ -50,7 +50,7 @@ def data_progress(data, episodes):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or " ").splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--adaptations", type=int, default=5)
     parser.add_argument("--data-episodes", type=int, default=20)

@@ -49,7 +49,7 @@ def default_data(cfg, ids):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or " ").splitlines()[0])
     parser.add_argument("--env", default="ant-dir")
     parser.add_argument("--tasks", type=int, default=8)
     parser.add_argument("--steps", type=int, required=True)

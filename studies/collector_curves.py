@@ -49,7 +49,7 @@ def curves(cfg, bench, bins=20):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or " ").splitlines()[0])
     parser.add_argument("--env", default="cheetah-vel")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default="", help="folder of the JSON and PNG (default results/<env>)")

@@ -138,7 +138,7 @@ def plot(results, envs, variants, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or " ").splitlines()[0])
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--envs", nargs="+", default=["cheetah-dir", "cheetah-vel"])
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), help="default: the study's")

@@ -66,14 +66,14 @@ def online_curve(model, cfg, data, env, episodes, inner_steps, seed, rule="adam"
 
 def method_returns(results):
     """{method: array (runs x rounds)}: each run's return after each round, averaged over its test
-    tasks and online runs (what the table, the figure and studies/study_tables.py show)."""
+    tasks and online runs (what the table, the figure and studies/tables.py show)."""
     methods = dict.fromkeys(res["method"] for res in results.values())
     return {m: np.array([np.mean([r for task in res["curves"].values() for _, r in task], axis=0)
                          for res in results.values() if res["method"] == m]) for m in methods}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or " ").splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--episodes", type=int, default=10, help="online episodes per test task")
     parser.add_argument("--rule", choices=RULES, default="adam", help="how MACAW/Meta-BC keep adapting (above)")

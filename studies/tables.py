@@ -1,0 +1,286 @@
+"""Every table of numbers in README.md and docs/, printed from the JSON files under results/ (none typed by hand).
+
+    python studies/tables.py            # rewrite each table in README.md and docs/*.md in place
+    python studies/tables.py --check    # exit 1 if any table there differs from what results/ gives (a test runs this)
+    python studies/tables.py --show NAME   # print one table (names: --show list)
+
+A document marks each table with `<!-- table NAME -->` on the line before it and `<!-- end table -->` on the line
+after; everything between the two is replaced. The JSON files carry the provenance (commit, machine, command, wall
+time), so the tables and the prose around them need none.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
+sys.path.insert(0, str(ROOT / "studies"))
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+ENVS = ("cheetah-dir", "cheetah-vel", "ant-dir", "walker-params")
+# MACAW as re-run by UNICORN (NeurIPS 2024, Table 2) on its own SAC data, 6 seeds: (mean, std) of the
+# 200-step return. A published reference, not a result of this project.
+PUBLISHED = {"cheetah-dir": (1155, 10), "cheetah-vel": (-56, 2), "ant-dir": (26, 3), "walker-params": (141, 9)}
+
+
+def load(path):
+    return json.loads(Path(path).read_text())
+
+
+def pm(xs, fmt="{:.0f}"):
+    return f"{fmt.format(np.mean(xs))} ± {fmt.format(np.std(xs))}"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def seed_summaries(env, prefix="seed"):
+    paths = sorted(p for p in (RESULTS / env).glob(f"{prefix}*.json") if p.stem[len(prefix):].isdigit())
+    return [load(p) for p in paths]
+
+
+def task_mean(summary, key):
+    return float(np.mean([t[key] for t in summary["tasks"].values()]))
+
+
+# ---- results: the README's table, and each benchmark's per-seed and per-task tables (docs/results.md)
+def summary_table():
+    rows = []
+    for env in ENVS:
+        runs, untrained = seed_summaries(env), seed_summaries(env, "untrained-seed")
+        post = [s["mean_post_return"] for s in runs]
+        mean, std = PUBLISHED[env]
+        rows.append([f"`{env}`", f"{task_mean(runs[0], 'collector_return'):.0f}",
+                     f"{pm([task_mean(s, 'pre_return') for s in runs])}",
+                     f"**{pm(post)}** ({' / '.join(f'{p:.0f}' for p in post)})",
+                     pm([s["mean_normalized"] for s in runs], "{:.2f}"),
+                     f"{np.mean([s['share_half'] for s in runs]):.0%}",
+                     f"{np.mean([s['mean_post_return'] for s in untrained]):.0f}",
+                     f"{mean} ± {std}"])
+    return table(["benchmark", "collectors (test tasks)", "pre-adaptation", "adapted, 3 seeds (per seed)",
+                  "normalised", "adaptations ≥ half the collector", "no meta-training, adapted",
+                  "published MACAW"], rows)
+
+
+def seed_table(env):
+    runs = seed_summaries(env)
+    rows, cols = [], []
+    for s in runs:
+        every = [r for t in s["tasks"].values() for r in t["post_returns"]]
+        col = dict(collector=task_mean(s, "collector_return"), random=task_mean(s, "random_return"),
+                   pre=task_mean(s, "pre_return"), post=s["mean_post_return"], norm=s["mean_normalized"],
+                   half=s["share_half"])
+        cols.append(col)
+        rows.append([s["seed"], f"{col['collector']:.0f}", f"{col['random']:.0f}", f"{col['pre']:.0f}",
+                     f"{col['post']:.0f} ({min(every):.0f} .. {max(every):.0f})", f"{col['norm']:.2f}",
+                     f"{col['half']:.0%}", f"{s['wall_time_s'] / 60:.1f} min"])
+    get = lambda k: [c[k] for c in cols]
+    rows.append(["mean ± std", f"{np.mean(get('collector')):.0f}", f"{np.mean(get('random')):.0f}", pm(get("pre")),
+                 f"**{pm(get('post'))}**", f"**{pm(get('norm'), '{:.2f}')}**", f"{np.mean(get('half')):.0%}", ""])
+    return table(["seed", "collector", "random", "pre-adaptation", "adapted (min .. max over adaptations)",
+                  "normalised", "adaptations ≥ 0.5", "training + evaluation"], rows)
+
+
+def task_table(env):
+    runs = seed_summaries(env)
+    rows = []
+    for k, t in runs[0]["tasks"].items():
+        per_seed = lambda key, fmt: " / ".join(fmt.format(s["tasks"][k][key]) for s in runs)
+        rows.append([f"{k} ({t['task']:g})", f"{t['collector_return']:.0f}", f"{t['random_return']:.0f}",
+                     per_seed("pre_return", "{:.0f}"), per_seed("post_return", "{:.0f}"),
+                     per_seed("normalized", "{:.2f}"), per_seed("share_half", "{:.0%}")])
+    return table(["test task (parameter)", "collector", "random", "pre-adaptation, per seed", "adapted, per seed",
+                  "normalised, per seed", "adaptations ≥ 0.5, per seed"], rows)
+
+
+def untrained_table():
+    rows = []
+    for env in ENVS:
+        runs, untrained = seed_summaries(env), seed_summaries(env, "untrained-seed")
+        post = [s["mean_post_return"] for s in untrained]
+        rows.append([f"`{env}`", pm([task_mean(s, "pre_return") for s in untrained]),
+                     f"{pm(post)} ({' / '.join(f'{p:.0f}' for p in post)})",
+                     pm([s["mean_normalized"] for s in untrained], "{:.2f}"),
+                     pm([s["mean_post_return"] for s in runs])])
+    return table(["benchmark", "untrained, before its step", "untrained, after its step (per seed)",
+                  "untrained, normalised", "MACAW, adapted"], rows)
+
+
+def first_run_table():
+    """What the default command costs per benchmark: making the data once, then training + evaluation."""
+    point = load(RESULTS / "point-robot" / "seed1.json")
+    first = load(RESULTS / "cheetah-dir" / "first-run.json")
+    shared = next(r for r in load(RESULTS / "speed" / "collector_designs_cheetah-vel.json") if r["design"] == "shared")
+    walker = load(RESULTS / "walker-params" / "data-timing.json")
+    ant = load(RESULTS / "ant-dir" / "seed1.json")
+    train = lambda env: np.mean([s["wall_time_s"] for s in seed_summaries(env)]) / 60
+    rows = [("point-robot", point["data_time_s"] / 60, point["wall_time_s"] / 60),
+            ("cheetah-dir", first["data_min"], first["training_min"]),
+            ("cheetah-vel", shared["wall_min"], train("cheetah-vel")),
+            ("walker-params", walker["data_time_s"] / 60, train("walker-params")),
+            ("ant-dir", ant["data_time_s"] / 60, train("ant-dir"))]
+    fmt = lambda m: f"{m * 60:.0f} s" if m < 1 else f"{m:.0f} min"
+    return table(["command", "making the data (once)", "training + evaluation", "in all, the first time"],
+                 [[f"`python macaw.py --env {env}`", fmt(d), fmt(t), fmt(d + t)] for env, d, t in rows])
+
+
+# ---- comparisons (docs/comparisons.md)
+def comparison_table(name):
+    from_study = load(RESULTS / "studies" / f"{name}.json")
+    rows = []
+    for env in dict.fromkeys(r["env"] for r in from_study["runs"]):
+        for variant in dict.fromkeys(r["variant"] for r in from_study["runs"] if r["env"] == env):
+            runs = [r for r in from_study["runs"] if r["env"] == env and r["variant"] == variant]
+            s = [r["summary"] for r in runs]
+            rows.append([env, variant, runs[0]["net_width"], len(runs), pm([task_mean(x, "pre_return") for x in s]),
+                         pm([x["mean_post_return"] for x in s]), pm([x["mean_normalized"] for x in s], "{:.2f}"),
+                         f"{np.mean([x['share_half'] for x in s]):.0%}",
+                         f"{np.mean([x['wall_time_s'] for x in s]) / 60:.1f}"])
+    return table(["benchmark", "method", "width", "seeds", "pre-adaptation", "adapted", "normalised",
+                  "adaptations ≥ 0.5", "minutes per run"], rows)
+
+
+def full_budget_table():
+    rows = []
+    for env in ("cheetah-dir", "cheetah-vel"):
+        for method, name in (("macaw", "seed1"), ("meta-bc", "meta-bc-seed1"), ("mt-awr", "mt-awr-seed1")):
+            s = load(RESULTS / env / f"{name}.json")
+            rows.append([env, method, s["steps"], f"{task_mean(s, 'pre_return'):.0f}", f"{s['mean_post_return']:.0f}",
+                         f"{s['mean_normalized']:.2f}", f"{s['share_half']:.0%}", f"{s['wall_time_s'] / 60:.1f}"])
+    return table(["benchmark", "method", "meta-steps", "pre-adaptation", "adapted", "normalised", "adaptations ≥ 0.5",
+                  "minutes"], rows)
+
+
+def probe_cell(rows, **where):
+    from adaptation_probe import score_text
+    row = next((r for r in rows if all(r[k] == v for k, v in where.items())), None)
+    if row is None:
+        return ""
+    return score_text(row) + (f" ({row['diverged']:.0%} diverged)" if row["diverged"] else "")
+
+
+def consistency_table(env):
+    res = load(RESULTS / "studies" / f"consistency_{env}.json")
+    rows, steps = res["table"], sorted({r["steps"] for r in res["table"]})
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        for n in sorted({r["batch"] for r in rows if r["variant"] == variant}):
+            out.append([variant, n, *(probe_cell(rows, variant=variant, batch=n, steps=s) for s in steps)])
+    return table(["method", "rows", *(f"{s} step{'s' * (s > 1)}" for s in steps)], out)
+
+
+def data_quality_table(env):
+    res = load(RESULTS / "studies" / f"data_quality_{env}.json")
+    rows = res["table"]
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        for s in sorted({r["steps"] for r in rows if r["variant"] == variant}):
+            out.append([variant, s, *(probe_cell(rows, variant=variant, steps=s, source=src) for src in sources)])
+    return table(["method", "steps", *sources], out)
+
+
+def online_table(env):
+    from online_finetune import method_returns
+    res = load(RESULTS / "studies" / f"online_finetune_{env}.json")
+    episodes = [e for e in (0, 1, 2, 5, 10, 20) if e <= res["episodes"]]
+    return table(["method", "runs", *(f"after {e} episodes" for e in episodes)],
+                 [[m, len(r), *(pm(r[:, e]) for e in episodes)] for m, r in method_returns(res["runs"]).items()])
+
+
+# ---- speed (docs/speed.md)
+def speed_table(path):
+    records = load(RESULTS / "speed" / path)
+    rows = [[r["tasks"], r["threads"], r["path"], f"{r['steps_per_s']:.2f} ({r['min']:.1f}-{r['max']:.1f})",
+             f"{r['speedup_vs_plain']:.2f}x" if r.get("speedup_vs_plain") else "", f"{r['utilisation']:.1%}"]
+            for r in records if r["kind"] == "meta_step"]
+    device = records[0]["device"]
+    return f"{device}, {records[0]['date']}:\n\n" + table(
+        ["tasks", "threads", "form", "meta-steps/s, median (min-max)", "vs plain", "utilisation"], rows)
+
+
+def memory_table(path):
+    return table(["form", "peak memory of a step, 5 tasks"],
+                 [[r["path"], f"{r['peak_mb']:.0f} MB"] for r in load(RESULTS / "speed" / path) if r["kind"] == "memory"])
+
+
+def ab_table():
+    records = load(RESULTS / "speed" / "refactor_ab.json")
+    return f"{records[0]['device']}, {records[0]['date']}, 1 thread:\n\n" + table(
+        ["tasks", "form", "before (meta-steps/s)", "after", "after / before"],
+        [[r["tasks"], r["path"], f"{r['before']:.2f} ({r['before_min']:.1f}-{r['before_max']:.1f})",
+          f"{r['after']:.2f} ({r['after_min']:.1f}-{r['after_max']:.1f})", f"{r['ratio']:.3f}"] for r in records])
+
+
+def collector_designs_table():
+    rows = []
+    for env in ("cheetah-vel", "ant-dir"):
+        for r in load(RESULTS / "speed" / f"collector_designs_{env}.json"):
+            rows.append([env, r["design"], r["width"], r["steps"], f"{r['cpu_min']:.1f}",
+                         f"{r['collector_return_mean']:.0f} ({r['collector_return_min']:.0f} .. "
+                         f"{r['collector_return_max']:.0f})", f"{r['random_return_mean']:.0f}"])
+    return table(["benchmark", "collector", "width", "env steps per task", "CPU minutes, 40-50 tasks",
+                  "collector return, mean (min .. max)", "random"], rows)
+
+
+TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": untrained_table,
+          **{f"seeds {e}": (lambda e=e: seed_table(e)) for e in ENVS},
+          **{f"tasks {e}": (lambda e=e: task_table(e)) for e in ENVS},
+          "main": lambda: comparison_table("main"), "ablation": lambda: comparison_table("ablation"),
+          "ablation_wide": lambda: comparison_table("ablation_wide"), "full-budget": full_budget_table,
+          **{f"consistency {e}": (lambda e=e: consistency_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
+          **{f"data_quality {e}": (lambda e=e: data_quality_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
+          **{f"online {e}": (lambda e=e: online_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
+          **{f"speed {cpu}": (lambda cpu=cpu: speed_table(f"meta_step_{cpu}.json")) for cpu in ("epyc", "xeon", "h100")},
+          "memory": lambda: memory_table("meta_step_epyc.json"), "speed-ab": ab_table,
+          "collector-designs": collector_designs_table}
+START, END = "<!-- table ", "<!-- end table -->"
+
+
+def filled(text):
+    """text with every marked table replaced by what results/ gives now."""
+    out, lines, i = [], text.split("\n"), 0
+    while i < len(lines):
+        out.append(lines[i])
+        if lines[i].startswith(START):
+            name = lines[i][len(START):].rstrip().removesuffix("-->").strip()
+            if name not in TABLES:
+                raise SystemExit(f"unknown table {name!r} (python studies/tables.py --show list)")
+            end = next((j for j in range(i + 1, len(lines)) if lines[j] == END), None)
+            if end is None:
+                raise SystemExit(f"table {name!r} has no closing {END}")
+            out += [TABLES[name](), END]
+            i = end
+        i += 1
+    return "\n".join(out)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=(__doc__ or " ").splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a document is out of date")
+    parser.add_argument("--show", help="print one table ('list': their names)")
+    args = parser.parse_args(argv)
+    if args.show:
+        print("\n".join(TABLES) if args.show == "list" else TABLES[args.show]())
+        return 0
+    stale = []
+    for doc in DOCS:
+        text = doc.read_text()
+        new = filled(text)
+        if new != text:
+            stale.append(doc.relative_to(ROOT))
+            if not args.check:
+                doc.write_text(new)
+    if args.check and stale:
+        print(f"out of date: {', '.join(map(str, stale))}; run python studies/tables.py")
+        return 1
+    print(("rewrote " + ", ".join(map(str, stale))) if stale and not args.check else "every table is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
