@@ -15,18 +15,15 @@ supervised regressions: Monte-Carlo value regression and advantage-weighted regr
 
 How to read this file
 ---------------------
-Read sections 1-7 top to bottom: config, tasks, the offline data as MACAW reads them, then the
-algorithm itself, sections 4-7 (under 400 lines): networks, losses, the inner and outer loops (with the
-paper's two baselines, Meta-BC and multi-task AWR, a few lines each), evaluation. Section 6 is a plain
-loop over the tasks of a meta-batch with the plain inner step; `python macaw.py --plain` meta-trains
-with exactly that code. A default run takes section 10's faster forms of section 6 instead (the fast
-inner step, vmap over tasks, merged gradients of the weight-transform matrices: 2-5x faster), which
-give the same numbers to ~1e-6; the tests hold every form to section 6 and to a meta-step recorded from
-the authors' code. train() picks the form in one place, meta_step_function. Edit section 6 (an
-exercise, an idea of your own) and run with --plain: a default run stops and says so rather than
-ignore the edit. Sections 8 (how the data are made: SAC and a scripted collector) and 9 (running it:
-files, locks, checkpoints, logs, plots, the CLI) are machinery a first read can skip. Every default
-mirrors the authors' `config/alg/standard.json` unless docs/differences.md says otherwise.
+Read sections 1-7 top to bottom: config, tasks, the offline data as MACAW reads them, then the algorithm,
+sections 4-7 (under 400 lines): networks, losses, the inner and outer loops (with the paper's baselines,
+Meta-BC and multi-task AWR), evaluation. Section 6 is a plain loop over tasks with the plain inner step,
+and `python macaw.py --plain` meta-trains with exactly that code. A default run takes section 10's faster
+forms of section 6 (2-5x faster, the same numbers to ~1e-6; the tests hold every form to section 6 and to
+a step recorded from the authors' code), picked in one place, meta_step_function. After editing section 6,
+run with --plain: a default run stops and says so rather than ignore the edit. Sections 8 (making the
+data) and 9 (running it: files, locks, checkpoints, logs, plots, the CLI) are machinery a first read can
+skip. Every default mirrors the authors' `config/alg/standard.json` unless docs/differences.md says otherwise.
 
 Key equations (one notation everywhere; code names in [brackets])
 -----------------------------------------------------------------
@@ -69,23 +66,15 @@ Algorithm 1 (meta-training), each line with the function that implements it
 
 Why each design choice (one line each)
 --------------------------------------
-- AWR, not an off-policy actor-critic: offline, a regression onto the data's own actions never
-  queries Q at unseen actions, and its gradient is a consistent learning signal in both loops.
+- AWR, not an off-policy actor-critic: a regression onto the data's own actions never queries Q at unseen actions.
 - Inner value target R_t (pure Monte-Carlo): one step from the data alone, no bootstrap to go wrong.
-- Outer value target bootstrapped through phibar: the tail beyond the data's episode end uses a
-  slow mix of phi and phi' as a target network that needs no extra state.
-- D_in contiguous, as the authors sample it: 256 consecutive rows of the buffer (one or two 200-step
-  episodes) from one stage of the collector's learning, so meta-training practises adapting on narrow,
-  correlated data. D_out is random rows of the whole buffer, to judge the adaptation on all of it. At
-  test time this file adapts on 256 random rows of the held-out task's buffer (docs/differences.md).
-- Outer losses divided by N_train (not |M|), as the authors do: a constant factor, which Adam's
-  scale invariance all but cancels (it changes only the effective epsilon).
-- Weight transform omega = T z + c per layer: the adapted weights move along a meta-learned mix
-  T T^T of the gradient, not only along the raw gradient (see WLinear).
-- Advantage head A_hat: the AWR weights squash the advantage into one scalar per sample; regressing
-  A itself in the inner step puts more information about the new task into the one step.
-- ReLU applied to [h, a] (the last hidden pre-activation AND the dataset action) inside the head:
-  faithful to the authors' code (it clips negative actions to 0 there), not a bug of this file.
+- Outer target bootstrapped through phibar: a slow mix of phi and phi' as a target network with no extra state.
+- D_in contiguous (as the authors sample it: one or two 200-step episodes from one stage of the collector's
+  learning), D_out random rows of the whole buffer; at test time, 256 random rows (docs/differences.md).
+- Outer losses divided by N_train (not |M|), as the authors: a constant factor that Adam all but cancels.
+- Weight transform omega = T z + c: one step moves the weights along a meta-learned T T^T of the gradient.
+- Advantage head A_hat: regressing A itself puts more of the new task into the one step than the AWR weights.
+- ReLU on [h, a] (the dataset action too) inside the head: the authors' code does it; kept on purpose.
 """
 import argparse
 import contextlib
@@ -141,9 +130,7 @@ def arg(default, help):
 class Config:
     # --- what to run
     env: str = arg("cheetah-dir", "benchmark: cheetah-dir, cheetah-vel, ant-dir, walker-params or point-robot")
-    method: str = arg("macaw", "macaw; or a baseline of the paper (docs/comparisons.md): meta-bc (the same "
-                               "meta-learning, behaviour cloning in both loops) or mt-awr (one multi-task AWR agent "
-                               "with a one-hot task id, fine-tuned on the test batch with --finetune-steps Adam steps)")
+    method: str = arg("macaw", "macaw, or a baseline of the paper: meta-bc or mt-awr (docs/comparisons.md)")
     seed: int = arg(1, "seed of meta-training and evaluation (the offline data has its own --data-seed)")
     steps: int = arg(-1, "meta-training steps; -1 = the benchmark's default (see BENCHMARKS)")
     eval_every: int = arg(-1, "evaluate every this many meta-steps; -1 = the benchmark's default")
@@ -151,8 +138,7 @@ class Config:
     threads: int = arg(1, "torch CPU threads; 1 is steadiest on small nets (docs/speed.md)")
     data_dir: str = arg("data", "offline data lives in <data-dir>/<env>/task<k>.npz")
     out: str = arg("runs", "runs are written to <out>/<run-name>/")
-    run_name: str = arg("", "name of the run folder; default <env>-seed<seed> (<env>-<method>-seed<seed> for "
-                            "a baseline)")
+    run_name: str = arg("", "name of the run folder; default <env>-seed<seed> (a baseline: <env>-<method>-seed<seed>)")
     resume: str = arg("", "path of a run folder to continue from its checkpoint")
     # --- MACAW (authors' standard.json)
     net_width: int = arg(100, "hidden width of the policy and value networks")
@@ -160,8 +146,7 @@ class Config:
     latent_dim: int = arg(100, "size of the latent z of each weight-transform layer")
     adv_head_width: int = arg(32, "hidden width of the advantage head")
     weight_transform: bool = arg(True, "use weight-transform layers (--no-weight-transform: plain Linear)")
-    adv_head: bool = arg(True, "use the advantage head in the inner policy loss (--no-adv-head: MAML+AWR; "
-                               "meta-bc and mt-awr have none)")
+    adv_head: bool = arg(True, "the advantage head in the inner policy loss (--no-adv-head: MAML + AWR)")
     inner_batch: int = arg(256, "inner (adaptation) batch: contiguous transitions of one task")
     outer_batch: int = arg(256, "outer (meta) batch: random transitions of the same task")
     meta_batch: int = arg(5, "tasks per meta-step (all of them if a benchmark has fewer)")
@@ -175,15 +160,9 @@ class Config:
     adv_clip: float = arg(20.0, "AWR weights are exp(min(normalised advantage, log adv_clip))")
     target_vf_alpha: float = arg(0.9, "the target mix of (5): phibar = rho phi + (1 - rho) phi', rho = this")
     buffer_skip: int = arg(1, "keep every k-th transition of each task's data (authors: 7)")
-    buffer_from: float = arg(0.0, "use each task's data only from this fraction of its buffer on (0: all of it, as "
-                                  "the paper; 0.5: the second half, the collector's later behaviour; docs/differences.md)")
-    bootstrap_terminations: bool = arg(False, "add gamma^(H-t) V(s_H) to the value target also after a true "
-                                              "termination (a fall), as the authors' code does (docs/differences.md)")
-    plain: bool = arg(False, "meta-train with section 6 exactly as written (a loop over tasks, the plain inner "
-                             "step): the form this file teaches, 2-5x slower; the default takes section 10's "
-                             "faster forms of it, the same numbers to ~1e-6")
-    compile: bool = arg(False, "compile the faster forms' meta-gradient with torch.compile (faster after up to a "
-                               "minute or two of compiling; needs a C compiler; the same results to ~1e-6)")
+    bootstrap_terminations: bool = arg(False, "bootstrap the value target after a fall too, as the authors' code")
+    plain: bool = arg(False, "meta-train with section 6 as written, not section 10's faster forms (same numbers)")
+    compile: bool = arg(False, "compile the meta-gradient with torch.compile (needs a C compiler; docs/speed.md)")
     finetune_steps: int = arg(20, "mt-awr only: Adam steps on the test task's batch at test time (at the outer lrs)")
     # --- evaluation
     eval_batch: int = arg(256, "offline transitions of a test task given for adaptation")
@@ -192,13 +171,10 @@ class Config:
     # --- offline data
     data_seed: int = arg(0, "seed of the data collectors")
     collector_steps: int = arg(-1, "env steps of each task's collector; -1 = the benchmark's default")
-    collector_width: int = arg(-1, "hidden width of the SAC collectors' networks; -1 = the benchmark's default "
-                                   "(docs/speed.md)")
-    collector_lr: float = arg(-1.0, "Adam learning rate of the SAC collectors; -1 = the benchmark's default "
-                                    "(3e-4, the usual SAC value; ant-dir 1e-3, docs/results.md)")
-    collector_design: str = arg("", "per-task (one SAC agent per task) or shared (ONE task-conditioned SAC agent per "
-                                     "worker process, its replay buffer split per task); '' = the benchmark's default "
-                                     "(docs/speed.md)")
+    collector_width: int = arg(-1, "hidden width of the SAC collectors; -1 = the benchmark's default (docs/data.md)")
+    collector_lr: float = arg(-1.0, "Adam learning rate of the SAC collectors; -1 = the benchmark's default")
+    collector_design: str = arg("", "per-task (one SAC agent per task) or shared (one task-conditioned agent per "
+                                     "worker); '' = the benchmark's default")
     regenerate_data: bool = arg(False, "delete and regenerate this env's offline data")
 
     def resolve(self, bench):
@@ -229,13 +205,11 @@ class Config:
                 raise UserError(f"{flag_name(name)} must be > 0 (got {getattr(cfg, name)})")
         if not 0 < cfg.discount <= 1 or not 0 <= cfg.target_vf_alpha <= 1 or cfg.adv_clip <= 1:
             raise UserError("need 0 < --discount <= 1, 0 <= --target-vf-alpha <= 1 and --adv-clip > 1")
-        if not 0 <= cfg.buffer_from < 1:
-            raise UserError(f"need 0 <= --buffer-from < 1 (got {cfg.buffer_from})")
         batch = max(cfg.inner_batch, cfg.outer_batch, cfg.eval_batch)
-        kept = int(cfg.collector_steps // cfg.buffer_skip * (1 - cfg.buffer_from))  # rows per task, about
+        kept = cfg.collector_steps // cfg.buffer_skip  # rows per task
         if batch > kept:
             raise UserError(f"a batch of {batch} exceeds a task's {kept} transitions (--collector-steps, "
-                            f"--buffer-skip, --buffer-from); lower the batch sizes")
+                            f"--buffer-skip); lower the batch sizes")
         try:
             torch.empty(0, device=cfg.device)
         except (RuntimeError, ValueError) as e:
@@ -277,9 +251,8 @@ def parse_config(argv=None):
 #    Adding one: write its env (with set_task), add a Benchmark entry to BENCHMARKS.
 # ================================================================================================
 def mujoco_warning(message):
-    """MuJoCo's warnings go to stderr (by default they also go to a MUJOCO_LOG.TXT in the current folder),
-    except one: MuJoCo 4 warns, at every HalfCheetah it builds, that gymnasium's half_cheetah.xml uses the
-    deprecated 'settotalmass' attribute (it still works). With 40 tasks that was 40 lines of noise per run."""
+    """MuJoCo's warnings to stderr (not to a MUJOCO_LOG.TXT), except MuJoCo 4's 'settotalmass' deprecation
+    warning, printed for every HalfCheetah built from gymnasium's half_cheetah.xml (which still works)."""
     if "settotalmass" not in message:
         print(f"MuJoCo warning: {message}", file=sys.stderr)
 
@@ -355,10 +328,8 @@ class AntDir(TaskEnv):
 class WalkerParams(TaskEnv):
     """Walker2d-v5 (reward v_x + 1 - 1e-3 ||a||^2; a fall ends the episode) whose physics differ per
     task: every body mass, inertia and geom friction entry is scaled by 1.5^U(-3,3), every joint damping
-    by 1.3^U(-3,3) (the authors' rand_param_envs). Task k's draws come from a fixed seed and k.
-
-    MuJoCo keeps these model values across reset(), so set_task writes them from the originals kept at
-    construction, never on top of the previous task's."""
+    by 1.3^U(-3,3) (the authors' rand_param_envs), drawn from a fixed seed and k. MuJoCo keeps these values
+    across reset(), so set_task writes them from the originals, never on top of the previous task's."""
 
     env_id = "Walker2d-v5"
     PHYSICS = {"body_mass": 1.5, "body_inertia": 1.5, "geom_friction": 1.5, "dof_damping": 1.3}
@@ -443,10 +414,8 @@ BENCHMARKS = {
     "cheetah-vel": Benchmark("cheetah-vel", CheetahVel, *_split(np.linspace(0.075, 3, 40), (2, 7, 15, 23, 26)),
                              "sac", dict(steps=15_000, eval_every=1000, collector_steps=40_000, collector_width=256,
                                          collector_design="shared")),
-    # 50 direction angles drawn uniformly from [0, 2 pi) with a fixed seed, 5 held out. Per-task agents: the
-    # shared agent's higher returns came from standing still in every task (docs/speed.md). 55k steps: at
-    # 40k the collectors were still improving steeply, and the adapted return was below the unadapted one.
-    # Learning rate 1e-3: the collectors learn far more in the same CPU time than at 3e-4 (docs/results.md).
+    # 50 direction angles drawn uniformly from [0, 2 pi) with a fixed seed, 5 held out. Per-task agents at
+    # learning rate 1e-3, 55k steps: the choices that gave walking collectors in the CPU budget (docs/data.md).
     "ant-dir": Benchmark("ant-dir", AntDir,
                          *_split(np.random.default_rng(0).uniform(0, 2 * np.pi, 50), (6, 17, 23, 30, 41)),
                          "sac", dict(steps=15_000, eval_every=1000, collector_steps=55_000, collector_width=64,
@@ -551,12 +520,10 @@ def load_task_data(path, bench, task_id, cfg=None):
 
 def monte_carlo_targets(rewards, next_obs, episode_ends, discount, terminations=None):
     """Per step t of an episode ending at H: mc_return_t = sum_{k=t}^{H-1} gamma^(k-t) r_k,
-    terminal_obs_t = s_H (the last next-observation), terminal_discount_t = gamma^(H-t).
-
-    The value target adds terminal_discount_t * V(s_H) for the return after H. That is right when the
-    episode was cut by the time limit, wrong after a true termination (a fall: nothing follows it).
-    Rows of episodes whose last step has terminations[H-1] set get terminal_discount 0; with
-    terminations=None every episode is bootstrapped (the authors' code, --bootstrap-terminations)."""
+    terminal_obs_t = s_H (the last next-observation), terminal_discount_t = gamma^(H-t), the weight of the
+    bootstrap V(s_H) in the value target: right after a time limit, wrong after a fall (nothing follows it),
+    so an episode whose last step has terminations set gets 0; terminations=None bootstraps every episode
+    (the authors' code, --bootstrap-terminations)."""
     n = len(rewards)
     mc_return = np.zeros(n, np.float64)
     terminal_obs = np.zeros_like(next_obs)
@@ -584,8 +551,7 @@ class TaskData:
         mc, term_obs, term_disc = monte_carlo_targets(
             data["rewards"], data["next_observations"], np.logical_or(data["terminations"], data["truncations"]),
             cfg.discount, None if cfg.bootstrap_terminations else data["terminations"])
-        # targets first (from whole episodes), then subsample (as the authors do); --buffer-from drops the start
-        keep = slice(int(cfg.buffer_from * len(mc)), None, cfg.buffer_skip)
+        keep = slice(None, None, cfg.buffer_skip)  # targets first (from whole episodes), then subsample, as the authors
         self.code = np.zeros(0, np.float32) if code is None else np.asarray(code, np.float32)
         with_code = lambda obs: np.concatenate([obs, np.broadcast_to(self.code, (len(obs), len(self.code)))], 1)
         arrays = (with_code(data["observations"]), data["actions"], mc, with_code(term_obs), term_disc)
@@ -622,8 +588,7 @@ def load_benchmark_data(cfg, bench, stop=()):
     small = [k for k, t in enumerate(tasks) if t.size < need]
     if small:
         raise UserError(f"tasks {small} have {tasks[small[0]].size} transitions (after --buffer-skip "
-                        f"{cfg.buffer_skip} and --buffer-from {cfg.buffer_from}), fewer than a batch of {need}; "
-                        f"lower the batch, the skip or --buffer-from")
+                        f"{cfg.buffer_skip}), fewer than a batch of {need}; lower the batch or the skip")
     return tasks
 
 
@@ -631,20 +596,13 @@ def load_benchmark_data(cfg, bench, stop=()):
 # 4. Networks. Every linear layer is a weight-transform layer (WLinear) unless --no-weight-transform.
 # ================================================================================================
 class WLinear(nn.Module):
-    """y = x Omega + b with (Omega, b) generated from a learned latent: omega = T z + c (the paper's "weight transform").
+    """y = x Omega + b, (Omega, b) generated from a learned latent: omega = T z + c (the paper's weight transform).
 
-    Omega is (in, out) here, so for a batch with inputs x_i (rows) and output gradients d_i = dL/dy_i, the
-    gradient of a plain layer is G_Omega = sum_i x_i^T d_i (in x out) and its SGD step is -alpha G_Omega.
-    Write G = dL/domega for the same numbers laid out as one vector (G_Omega flattened, then G_b = sum_i d_i).
-    Since dL/dT = G z^T, dL/dz = T^T G and dL/dc = G, one SGD step on (z, T, c) moves omega by
-        -(a_T |z|^2 + a_c) G  -  a_z T T^T G          (to first order in the step sizes):
-    the plain layer's direction, rescaled, plus the gradient mixed through T T^T (rank <= latent_dim).
-    Rank is NOT what sets the two apart at MACAW's sizes: with a batch of 256 > width 100 the plain
-    step can already change Omega at full rank (at batch 1 it is rank 1; the tutorial shows both). What
-    the weight transform adds is that T (and so T T^T) is meta-learned: meta-training shapes which
-    weight changes one step from a few examples makes, a learned preconditioner, instead of the raw
-    gradient alone (the paper's "expressivity of the MAML update" argument is about what one step from
-    few examples can reach).
+    With G = dL/domega (the plain layer's gradient as one vector), dL/dT = G z^T, dL/dz = T^T G and dL/dc = G,
+    so one SGD step on (z, T, c) moves omega by  -(a_T |z|^2 + a_c) G - a_z T T^T G  (to first order): the
+    plain direction, rescaled, plus the gradient mixed through T T^T. T is meta-learned, so meta-training
+    shapes which weight changes one step from a few examples makes: a learned preconditioner (the paper's
+    "expressivity of the MAML update"; the tutorial's section 3 shows it is not about rank).
     """
 
     def __init__(self, in_features, out_features, latent_dim=100):
@@ -686,14 +644,10 @@ class ValueNet(nn.Module):
 
 
 class PolicyNet(nn.Module):
-    """mu(s) = tanh(MLP(s)); given dataset actions too, also the advantage head's A_hat(s, a).
-
-    The head reads h, the last hidden layer BEFORE its ReLU, and the dataset action:
-    A_hat = fc_1(ReLU(fc_0(ReLU([h, a])))). It only appears in the inner loss, where regressing the
-    advantage gives the one adaptation step information that the AWR weights alone lose.
-    The ReLU on [h, a] also zeroes the negative action components: that is what the authors' code
-    does (faithful on purpose, not a bug here).
-    """
+    """mu(s) = tanh(MLP(s)); given dataset actions too, also the advantage head's A_hat(s, a) =
+    fc_1(ReLU(fc_0(ReLU([h, a])))), h the last hidden layer BEFORE its ReLU. Its loss is in the inner step
+    only; the outer loss never reads it, and it is meta-trained through the second-order path. The ReLU
+    on [h, a] zeroes negative action components: the authors' code does so, kept on purpose."""
 
     def __init__(self, obs_dim, act_dim, cfg):
         super().__init__()
@@ -829,7 +783,8 @@ def adapt(model, vparams, pparams, inner, cfg):
     v_grads, inner_v = grad(value_step_loss, has_aux=True)(vparams)
     adapted_v = sgd_step(vparams, v_grads, model.raw_value_lrs)  # phi' = phi - alpha_V * grad
     # phibar = 0.9 phi + 0.1 phi' = phi - 0.1 alpha_V * grad: a fresh, gradient-free target (no target network)
-    target_v = {k: p.detach() for k, p in sgd_step(vparams, v_grads, model.raw_value_lrs, 1 - cfg.target_vf_alpha).items()}
+    target_v = {k: p.detach() for k, p in sgd_step(vparams, v_grads, model.raw_value_lrs,
+                                                   1 - cfg.target_vf_alpha).items()}
     adv = advantages(model.value, adapted_v, inner)  # (2) from the ADAPTED value function, no gradient
 
     def policy_step_loss(p):  # (4) AWR with weights (3) + softplus(lambda) * advantage-head regression
@@ -841,19 +796,23 @@ def adapt(model, vparams, pparams, inner, cfg):
     return adapted_v, adapted_p, target_v, dict(inner_value=inner_v, inner_policy=inner_pi, inner_head=head)
 
 
-def task_meta_losses(model, vparams, pparams, inner, outer, cfg):
-    """One task's outer losses (the meta-objective), evaluated at the adapted params. Returns a dict
-    of scalars: outer_value and outer_policy carry gradients, the rest are for logging."""
-    adapted_v, adapted_p, target_v, stats = adapt(model, vparams, pparams, inner, cfg)
+def outer_losses(model, adapted_v, adapted_p, target_v, outer, cfg):
+    """(5) and (6) on the outer batch, at the adapted params: the terms of the meta-objective."""
     if cfg.method == "meta-bc":  # the adapted policy clones the outer batch; no value function
-        return dict(outer_value=torch.zeros(()), outer_policy=bc_loss(model.policy, adapted_p, outer, cfg), **stats)
+        return dict(outer_value=torch.zeros(()), outer_policy=bc_loss(model.policy, adapted_p, outer, cfg))
     # (5) Outer value loss at phi' against mc_return + gamma^(H-t) V_phibar(s_H).
     target = bootstrapped_return(model.value, target_v, outer).detach()
     outer_v = value_loss(model.value, adapted_v, outer, target)
     # (6) Outer policy loss: plain AWR at theta' on the outer batch, (2)-(3) from phi'; no head term.
     adv = advantages(model.value, adapted_v, outer)
-    outer_pi = awr_policy_loss(model.policy, adapted_p, outer, adv, cfg)
-    return dict(outer_value=outer_v, outer_policy=outer_pi, **stats)
+    return dict(outer_value=outer_v, outer_policy=awr_policy_loss(model.policy, adapted_p, outer, adv, cfg))
+
+
+def task_meta_losses(model, vparams, pparams, inner, outer, cfg):
+    """One task: adapt on its inner batch, then its outer losses. Returns a dict of scalars: outer_value and
+    outer_policy carry gradients, the inner losses are for logging."""
+    adapted_v, adapted_p, target_v, stats = adapt(model, vparams, pparams, inner, cfg)
+    return dict(**outer_losses(model, adapted_v, adapted_p, target_v, outer, cfg), **stats)
 
 
 def meta_losses(model, batches, cfg):
@@ -880,11 +839,9 @@ def multitask_losses(model, vparams, pparams, batch, cfg):
 
 
 def finetune(model, batch, cfg, params=None):
-    """MT-AWR's test-time adaptation: --finetune-steps Adam steps of multitask_losses on the test batch,
-    on copies of the weights (at the outer learning rates), or of params = (value, policy) dicts to
-    continue a fine-tuning. Returns the fine-tuned (value, policy) params.
-    (The test-time studies also continue a MACAW or Meta-BC adaptation this way; Meta-BC's objective
-    is then its own, bc_loss.)"""
+    """MT-AWR's test-time adaptation: --finetune-steps Adam steps of multitask_losses on the test batch (at the
+    outer learning rates), from copies of the weights or of params = (value, policy) dicts. Returns the
+    fine-tuned (value, policy). (The test-time studies continue MACAW and Meta-BC this way, Meta-BC by bc_loss.)"""
     params = model.params() if params is None else params
     vparams, pparams = ({k: p.detach().clone().requires_grad_() for k, p in d.items()} for d in params)
     opt = torch.optim.Adam([dict(params=list(vparams.values()), lr=cfg.outer_value_lr),
@@ -1001,12 +958,9 @@ def normalized_score(ret, data):
 
 
 # ================================================================================================
-# 8. How the data are made (skip on a first read). Each task's data is the replay buffer of a
-#    soft actor-critic agent trained from scratch on that task (cheetah), or of an annealed-noise
-#    scripted controller (point-robot); written once per task as an .npz, then reused. The SAC agents
-#    of many tasks train side by side as one stacked set of networks, their envs stepped in lock-step,
-#    in a few worker processes (one per core); a collection that is stopped continues from its
-#    checkpoint.
+# 8. How the data are made (skip on a first read): each task's data is the replay buffer of a SAC agent
+#    trained from scratch on it (a scripted controller's for point-robot), made once. The agents of many
+#    tasks train as one stacked set of networks, envs in lock-step, one worker process per core, resumable.
 # ================================================================================================
 class StackedLinear(nn.Module):
     """n independent linear layers applied at once: x (n, B, in) -> (n, B, out), one batched matmul."""
@@ -1029,11 +983,9 @@ def stacked_mlp(n, sizes):
 
 
 class SAC(nn.Module):
-    """n independent soft actor-critic agents (Haarnoja et al. 2018), one per task: twin Q, target
-    critics, learned temperature, all stacked along a first dimension of size n.
-
-    Every loss is a sum over agents of that agent's mean loss, and Adam works element by element, so
-    each agent learns exactly as it would alone: stacking only batches the arithmetic."""
+    """n independent soft actor-critic agents (Haarnoja et al. 2018) stacked along a first dimension: twin Q,
+    target critics, learned temperature. Each loss is a sum of per-agent means and Adam works elementwise,
+    so each agent learns exactly as it would alone: stacking only batches the arithmetic."""
 
     def __init__(self, n, obs_dim, act_dim, width=128, lr=SAC_LR):
         super().__init__()
@@ -1141,17 +1093,12 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
                 random_steps=2000, batch_size=256, width=128, position=0, shared=False, update_every=1,
                 lr=SAC_LR):
     """Train one SAC agent per env from scratch, all in lock-step; each agent's whole replay buffer
-    (`steps` transitions) is its task's offline data. Returns one data dict per env.
-
-    shared=True instead trains ONE agent for all the envs, its input the observation and a one-hot task
-    code, its replay buffer kept per task; each lock-step takes one update on a batch of random
-    (task, transition) pairs, so n tasks cost about what one agent costs (docs/speed.md).
-
-    Resumable: at most every checkpoint_every_s seconds, the whole state (agents, optimisers, buffers,
-    RNG states of numpy and torch, every env's simulator state: env_state) is written atomically to
-    `checkpoint`; a later call with the same arguments continues from it, and the finished data equal an
-    uninterrupted collection's. should_stop() is checked after every step: if it says so, the state is
-    saved and Interrupted is raised."""
+    (`steps` transitions) is its task's offline data. Returns one data dict per env. shared=True trains ONE
+    agent for all envs (input: observation + one-hot task code; buffers kept per task; one update per
+    lock-step on random (task, transition) pairs). Resumable: every checkpoint_every_s seconds the whole
+    state (agents, optimisers, buffers, RNG states, every env's simulator state) goes atomically to
+    `checkpoint`, and a later call continues from it to the same data; should_stop() is checked after
+    every step (if true: save, raise Interrupted)."""
     n, obs_dim, act_dim = len(envs), envs[0].observation_space.shape[0], envs[0].action_space.shape[0]
     scale = envs[0].action_space.high  # SAC acts in [-1, 1]; env actions are scale * that
     torch.manual_seed(seed)
@@ -1298,11 +1245,9 @@ def missing_tasks(cfg, bench):
 
 
 def ensure_data(cfg, bench, stop=()):
-    """Generate the missing tasks' data, keep what is already there.
-
-    Two runs that need the same data at once: the second waits on the data folder's lock until the
-    first has finished, then reuses its files. `stop` (the run's signal list, see run_settings): when it
-    fills, collection stops, every worker process is ended, and Interrupted is raised."""
+    """Generate the missing tasks' data, keep what is already there. A second run that needs the same data
+    waits on the data folder's lock, then reuses the files. `stop` (run_settings' signal list): when it
+    fills, every worker process is ended and Interrupted is raised."""
     folder = Path(cfg.data_dir) / cfg.env
     folder.mkdir(parents=True, exist_ok=True)
     if not cfg.regenerate_data and not missing_tasks(cfg, bench):
@@ -1368,10 +1313,8 @@ class WriteError(UserError):
 
 def atomic_write(path, write, keep_previous=False):
     """Write via a temporary file in the same folder, fsync, then rename: never a half-written file.
-
-    keep_previous: first rename the current file to <name>.prev<suffix> (one rename, atomic), so the
-    last two versions exist. An OSError (disk full, permissions) leaves the current file as it was
-    and raises WriteError naming the path."""
+    keep_previous: first rename the current file to <name>.prev<suffix>, so the last two versions exist.
+    An OSError (disk full, permissions) leaves the current file as it was and raises WriteError."""
     path = Path(path)
     tmp = None
     try:
@@ -1408,11 +1351,9 @@ def previous_version(path):
 
 @contextlib.contextmanager
 def folder_lock(folder, wait, purpose):
-    """Hold an OS file lock on <folder>/.lock (fcntl.flock) for the duration of the `with` block.
-
-    The OS drops the lock when the process ends, however it ends (even kill -9), so a lock never
-    outlives its run. wait=False: if another process holds it, raise UserError naming its pid;
-    wait=True: say so and wait for it. (No locking where fcntl is missing, i.e. on Windows.)"""
+    """Hold an OS file lock on <folder>/.lock (fcntl.flock) for the `with` block; the OS drops it when the
+    process ends, however it ends. Held elsewhere: wait=False raises UserError naming the holder's pid,
+    wait=True says so and waits. (No locking where fcntl is missing, i.e. on Windows.)"""
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "a+") as f:
         if fcntl is not None:
@@ -1632,11 +1573,9 @@ class Interrupted(UserError):
 
 @contextlib.contextmanager
 def run_settings(cfg):
-    """Process-wide settings of one run, all restored on exit, so calling train() from a notebook or
-    a script leaves the caller's process as it was: the thread count, the global torch RNG (seeded
-    with cfg.seed for the weight initialisation), MuJoCo's warning handler (mujoco_warnings) and, in the
-    main thread only, Ctrl-C/SIGTERM handlers that append the signal's name to the yielded list instead
-    of raising."""
+    """Process-wide settings of one run, all restored on exit (so train() leaves a notebook's process as it
+    was): threads, the global torch RNG (seeded with cfg.seed), MuJoCo's warning handler and, in the main
+    thread only, Ctrl-C/SIGTERM handlers that append the signal's name to the yielded list."""
     threads = torch.get_num_threads()
     stop = []
     handlers = {}
@@ -1778,26 +1717,19 @@ def main(argv=None):
 
 
 # ================================================================================================
-# 10. Faster forms of section 6: the same numbers (skip on a first read). A default run meta-trains
-#     with these; --plain runs section 6 as written. Three changes, each exact, each tested against
-#     section 6 and the authors' recorded step (docs/speed.md has the measured gains):
-#   - the fast inner step: no stepped copy of any weight-transform matrix T (fast_sgd_step);
-#   - the tasks of a meta-batch stacked and mapped with torch.func.vmap instead of a Python loop;
-#   - each T's meta-gradient formed in one matrix product (merged_transform_losses);
-#   and, opt-in, --compile: the whole meta-gradient compiled with torch.compile (compiled_meta_gradient).
-# The fast_* functions are section 6's, line for line, except where marked: diff them.
+# 10. Faster forms of section 6: the same numbers (skip on a first read). A default run meta-trains with
+#     these (--plain: section 6 as written), each exact and tested against section 6 and the authors' step:
+#     the fast inner step (no stepped copy of any T), vmap over the tasks of a meta-batch, each T's
+#     meta-gradient in one product (merged_transform_losses), and, opt-in, --compile. The fast_* functions
+#     are section 6's line for line except where marked: diff them. Measured gains: docs/speed.md.
 # ================================================================================================
-# The fast inner step. Exact algebra, not an approximation. A WLinear layer generates its weights as
-# omega = T z + c. With G = dL/domega (the inner loss's gradient with respect to the generated weights),
-# the chain rule gives
+# The fast inner step, exact. A WLinear generates omega = T z + c; with G = dL/domega the chain rule gives
 #     dL/dc = G,    dL/dz = T^T G,    dL/dT = G z^T   (an outer product: (in*out + out) x latent, ~1M numbers).
 # One SGD step makes z' = z - a_z T^T G, T' = T - a_T G z^T and c' = c - a_c G, so the adapted weights are
-#     omega' = T' z' + c' = T z' - a_T (z . z') G + c - a_c G = T z' + c'',  c'' = c - (a_c + a_T (z . z')) G.
-# The adapted layer is therefore (z', T, c''): the UNCHANGED T with a shifted bias. T' and dL/dT never have
-# to exist, and since G = dL/dc, the inner gradient is needed only for z and c. Autograd through this form
-# computes the same function, hence the same meta-gradient. Part-way along the step (every a scaled by the
-# same fraction) the same holds. It is exact for ONE step from (z, T, c): a second step would start from a
-# layer whose T was never stepped, so a multi-step edit of adapt belongs in section 6 (--plain).
+#     omega' = T' z' + c' = T z' - a_T (z . z') G + c - a_c G = T z' + c'',  c'' = c - (a_c + a_T (z . z')) G:
+# the UNCHANGED T with a shifted bias. T' and dL/dT never exist, and as G = dL/dc, the inner gradient is
+# needed only for z and c; autograd through this form gives the same meta-gradient. It holds part-way along
+# the step too (every a scaled alike), and for ONE step from (z, T, c): a multi-step edit belongs in section 6.
 def is_transform_matrix(name):
     return name.endswith(".fc.weight")  # T of a WLinear (plain nn.Linear weights are named "<layer>.weight")
 
@@ -1862,25 +1794,19 @@ def fast_adapt(model, vparams, pparams, inner, cfg, probes=(None, None)):
 def fast_task_meta_losses(model, vparams, pparams, inner, outer, cfg, probes=(None, None)):
     """task_meta_losses with fast_adapt."""
     adapted_v, adapted_p, target_v, stats = fast_adapt(model, vparams, pparams, inner, cfg, probes)
-    if cfg.method == "meta-bc":
-        return dict(outer_value=torch.zeros(()), outer_policy=bc_loss(model.policy, adapted_p, outer, cfg), **stats)
-    target = bootstrapped_return(model.value, target_v, outer).detach()
-    outer_v = value_loss(model.value, adapted_v, outer, target)
-    adv = advantages(model.value, adapted_v, outer)
-    outer_pi = awr_policy_loss(model.policy, adapted_p, outer, adv, cfg)
-    return dict(outer_value=outer_v, outer_policy=outer_pi, **stats)
+    return dict(**outer_losses(model, adapted_v, adapted_p, target_v, outer, cfg), **stats)
 
 
-def fast_meta_losses(model, batches, cfg, merge=True, compiled_probes=None):
+def fast_meta_losses(model, batches, cfg, merge=True):
     """meta_losses with the tasks stacked to (tasks, B, ...) and mapped with torch.func.vmap, which turns the
     tasks' many matrix-vector products with the shared T's into matrix products, and (merge, when gradients
-    are on) each T's meta-gradient formed in one product. compiled_probes: only compiled_meta_gradient's."""
+    are on) each T's meta-gradient formed in one product."""
     vparams, pparams = model.params()
     inner, outer = ({k: torch.stack([b[i][k] for b in batches]) for k in BATCH_FIELDS} for i in (0, 1))
     if cfg.method == "mt-awr":
         return vmap(lambda inner, outer: multitask_losses(model, vparams, pparams, outer, cfg))(inner, outer)
     if merge and cfg.weight_transform and torch.is_grad_enabled():
-        return merged_transform_losses(model, vparams, pparams, inner, outer, cfg, compiled_probes)
+        return merged_transform_losses(model, vparams, pparams, inner, outer, cfg)
     return vmap(lambda inner, outer: fast_task_meta_losses(model, vparams, pparams, inner, outer, cfg))(inner, outer)
 
 
@@ -1961,18 +1887,13 @@ def wlinear_layers(params):
     return [k[:-len("fc.weight")] for k in params if is_transform_matrix(k)]
 
 
-def merged_transform_losses(model, vparams, pparams, inner, outer, cfg, compiled_probes=None):
+def merged_transform_losses(model, vparams, pparams, inner, outer, cfg):
     """fast_meta_losses with every T used detached, and the probes that let backward() form each T's
-    meta-gradient as one matrix product (MergedTransformGradients). compiled_probes (--compile only):
-    dict(tensors=the zero probes), which compiled_meta_gradient differentiates J by itself; the record of
-    what the products need is left in it."""
+    meta-gradient as one matrix product (MergedTransformGradients)."""
     tasks, nets = len(inner["obs"]), (vparams, pparams)
     layers = [(net, l) for net, params in enumerate(nets) for l in wlinear_layers(params)]
     record = dict(layers=layers, z=[nets[net][l + "z"].detach() for net, l in layers], factors=None)
-    if compiled_probes is None:
-        made = MergedTransformGradients.apply(record, tasks, *[nets[net][l + "fc.weight"] for net, l in layers])
-    else:
-        made, compiled_probes["record"] = compiled_probes["tensors"], record
+    made = MergedTransformGradients.apply(record, tasks, *[nets[net][l + "fc.weight"] for net, l in layers])
     probes = [{}, {}]  # per network: layer -> dict(omega, z, adapted)
     for i, (net, l) in enumerate(layers):
         probes[net][l] = dict(zip(("omega", "z", "adapted"), made[3 * i:3 * i + 3]))
@@ -1991,9 +1912,9 @@ def merged_transform_losses(model, vparams, pparams, inner, outer, cfg, compiled
     return losses
 
 
-def fast_meta_objective(model, batches, n_train_tasks, cfg, merge=True, compiled_probes=None):
+def fast_meta_objective(model, batches, n_train_tasks, cfg, merge=True):
     """meta_objective with fast_meta_losses."""
-    losses = fast_meta_losses(model, batches, cfg, merge, compiled_probes)
+    losses = fast_meta_losses(model, batches, cfg, merge)
     total = (losses["outer_value"].sum() + losses["outer_policy"].sum()) / n_train_tasks
     return total, {k: v.mean() for k, v in losses.items()}
 
@@ -2020,61 +1941,33 @@ def fast_meta_train_step(model, optimizers, batches, n_train_tasks, cfg, merge=T
 
 
 class MetaObjective(nn.Module):
-    """J as a module whose parameters are the model's ("model.<name>"), so that torch.func can call it
-    as a function of the meta-parameters (--compile)."""
+    """J as a module whose parameters are the model's ("model.<name>"), so that torch.func can call it as a
+    function of the meta-parameters (--compile). Autograd's own T gradients: the merged ones come from a
+    custom autograd node, which torch.func.grad does not run."""
 
     def __init__(self, model, n_train_tasks, cfg):
         super().__init__()
         self.model, self.n_train_tasks, self.cfg = model, n_train_tasks, cfg
 
-    def forward(self, batches, compiled_probes=None):
-        return fast_meta_objective(self.model, batches, self.n_train_tasks, self.cfg, True, compiled_probes)
+    def forward(self, batches):
+        return fast_meta_objective(self.model, batches, self.n_train_tasks, self.cfg, merge=False)
 
 
 def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor"):
     """--compile: (meta-parameters, batches) -> (dJ/dparams, (J, losses)) as ONE pure function, compiled with
     torch.compile. The same numbers as backward() (to ~1e-6), faster after up to a minute or two of compiling
     (docs/speed.md); never needed for correctness. torch.compile cannot trace autograd's double backward,
-    which backward() uses, so J is differentiated with torch.func.grad instead. With weight-transform layers
-    and an inner loop, the T gradients are merged here too: J is differentiated by every meta-parameter
-    except the T's and by the zero probes, and each T's gradient is then formed from its probes' gradients
-    in one product, merged_transform_gradient."""
-    objective_module = MetaObjective(model, n_train_tasks, cfg)
+    which backward() uses, so J is differentiated with torch.func.grad instead."""
+    objective = MetaObjective(model, n_train_tasks, cfg)
 
-    def objective(params, batches, probes=None):
-        total, stats = functional_call(objective_module, {"model." + k: p for k, p in params.items()},
-                                       (batches, probes))
+    def differentiated(params, batches):
+        total, stats = functional_call(objective, {"model." + k: p for k, p in params.items()}, (batches,))
         return total, (total.detach(), stats)  # (what grad differentiates, what it passes through)
-
-    if not cfg.weight_transform or cfg.method == "mt-awr":  # no merged T gradients to form
-        return torch.compile(grad(objective, has_aux=True), backend=backend)
-
-    def merged_objective(free, probe_tensors, transforms, batches):
-        probes = dict(tensors=probe_tensors)  # merged_transform_losses leaves its record in here
-        total, aux = objective({**free, **transforms}, batches, probes)
-        record = probes["record"]
-        assert [("value.", "policy.")[net] + l + "fc.weight" for net, l in record["layers"]] == list(transforms)
-        factors = {}  # layer index -> its (G, z'); none for a layer without an inner step (Meta-BC's value function)
-        for i, (net, l) in enumerate(record["layers"]):
-            if l in record["factors"][net]:
-                factors[i] = record["factors"][net][l]
-            elif not (cfg.method == "meta-bc" and net == 0):
-                raise probes_dropped(l)
-        return total, (*aux, factors, record["z"])
-
-    def meta_gradient(params, batches):
-        transforms = {k: p for k, p in params.items() if is_transform_matrix(k)}  # value's, then policy's
-        free = {k: p for k, p in params.items() if k not in transforms}
-        probe_tensors = [p for T in transforms.values() for p in zero_probes(T, len(batches))]
-        (grads, g_probes), (total, stats, factors, zs) = grad(merged_objective, argnums=(0, 1), has_aux=True)(
-            free, probe_tensors, transforms, batches)  # T is not differentiated: only its probes are
-        for i, name in enumerate(transforms):  # the same layer order as merged_transform_losses' record
-            grads[name] = merged_transform_gradient(zs[i], factors.get(i, (None, None)), *g_probes[3 * i:3 * i + 3])
-        return grads, (total, stats)
-    return torch.compile(meta_gradient, backend=backend)
+    return torch.compile(grad(differentiated, has_aux=True), backend=backend)
 
 
-SECTION_6 = {f.__name__: f for f in (sgd_step, adapt, task_meta_losses, meta_losses, meta_objective, meta_train_step)}
+SECTION_6 = {f.__name__: f for f in (sgd_step, adapt, outer_losses, task_meta_losses, meta_losses, meta_objective,
+                                      meta_train_step)}
 
 
 def meta_step_function(model, optimizers, n_train_tasks, cfg):

@@ -169,24 +169,20 @@ def test_no_bootstrap_after_a_true_termination():
         assert (value(100.0) == value(0.0)).all() != bool(flag)  # after the fall, V(s_T) adds nothing
 
 
-def test_buffer_from_keeps_the_end_of_the_buffer_with_targets_from_whole_episodes():
-    """--buffer-from 0.5 keeps the second half of a task's rows; their Monte-Carlo targets are the ones
-    computed from the whole episodes (an episode cut by the split keeps its full return); with
-    --buffer-skip it keeps every k-th row of that half."""
+def test_buffer_skip_keeps_every_kth_row_with_targets_from_whole_episodes():
+    """--buffer-skip 3 keeps rows 0, 3, 6, ... of a task's data; their Monte-Carlo targets are the ones computed
+    from the whole episodes before the rows were dropped (as the authors subsample)."""
     rng = np.random.default_rng(0)
     n = 40
     ends = np.zeros(n, bool)
-    ends[[9, 24, 39]] = True  # episodes 0-9, 10-24 (cut at row 20), 25-39
+    ends[[9, 24, 39]] = True
     data = dict(rewards=rng.normal(size=n).astype(np.float32), next_observations=rng.normal(size=(n, 2)).astype(np.float32),
                 observations=rng.normal(size=(n, 2)).astype(np.float32), actions=rng.normal(size=(n, 1)).astype(np.float32),
                 terminations=np.zeros(n, bool), truncations=ends, collector_return=1.0, random_return=0.0)
     full = macaw.TaskData(data, macaw.parse_config(["--env", "point-robot"])).tensors
-    for flags, rows in ((["--buffer-from", "0.5"], slice(20, None)), (["--buffer-from", "0.5", "--buffer-skip", "3"], slice(20, None, 3))):
-        kept = macaw.TaskData(data, macaw.parse_config(["--env", "point-robot", *flags])).tensors
-        for k in macaw.BATCH_FIELDS:
-            torch.testing.assert_close(kept[k], full[k][rows])
-    with pytest.raises(macaw.UserError, match="--buffer-from"):
-        macaw.parse_config(["--env", "point-robot", "--buffer-from", "1"]).resolve(macaw.get_benchmark("point-robot"))
+    kept = macaw.TaskData(data, macaw.parse_config(["--env", "point-robot", "--buffer-skip", "3"])).tensors
+    for k in macaw.BATCH_FIELDS:
+        torch.testing.assert_close(kept[k], full[k][::3])
 
 
 def test_awr_weights_standardised_and_clipped():
@@ -885,20 +881,22 @@ def test_interrupted_data_generation_keeps_finished_tasks(tmp_path, monkeypatch)
     assert len(macaw.load_benchmark_data(cfg, bench)) == len(bench.tasks)
 
 
-def test_non_finite_loss_stops_with_step_terms_and_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("plain, losses_name", [(True, "meta_losses"), (False, "fast_meta_losses")],
+                         ids=["plain", "default"])
+def test_non_finite_loss_stops_with_step_terms_and_checkpoint(tmp_path, monkeypatch, plain, losses_name):
     cfg = macaw.Config(env="point-robot", data_dir=str(tmp_path / "data"), out=str(tmp_path / "runs"),
                        net_width=16, latent_dim=8, inner_batch=32, outer_batch=32, eval_batch=32,
-                       collector_steps=400, steps=10, eval_every=2)
-    original, calls = macaw.meta_losses, []
+                       collector_steps=400, steps=10, eval_every=2, plain=plain)
+    original, calls = getattr(macaw, losses_name), []
 
-    def poisoned(model, batches, cfg, probes=None):
-        losses = original(model, batches, cfg, probes)
+    def poisoned(*args, **kwargs):
+        losses = original(*args, **kwargs)
         calls.append(1)
         if len(calls) == 5:
             losses["outer_value"] = losses["outer_value"] * float("nan")
         return losses
 
-    monkeypatch.setattr(macaw, "meta_losses", poisoned)
+    monkeypatch.setattr(macaw, losses_name, poisoned)
     with pytest.raises(macaw.UserError) as err:
         macaw.train(cfg)
     message = str(err.value)
@@ -1065,7 +1063,7 @@ def test_a_failing_write_keeps_the_last_checkpoint_and_resume_continues(tmp_path
 # ------------------------------------------------------------------------------------------------
 # Copying into coursework: library calls leave the caller's process alone.
 # ------------------------------------------------------------------------------------------------
-def test_train_leaves_threads_rng_and_signal_handlers_as_it_found_them(tmp_path):
+def test_train_leaves_threads_rng_signal_and_warning_handlers_and_its_config_as_it_found_them(tmp_path):
     import signal
     import threading
     cfg = macaw.Config(env="point-robot", data_dir=str(tmp_path / "data"), out=str(tmp_path / "runs"),
@@ -1074,15 +1072,19 @@ def test_train_leaves_threads_rng_and_signal_handlers_as_it_found_them(tmp_path)
     torch.manual_seed(123)
     rng, threads = torch.get_rng_state(), torch.get_num_threads()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    warning = macaw.mujoco.get_mju_user_warning()
+    before = dataclasses.asdict(cfg)
     summary = macaw.train(cfg)
     assert torch.equal(torch.get_rng_state(), rng) and torch.get_num_threads() == threads
     assert handlers == {s: signal.getsignal(s) for s in handlers}
+    assert macaw.mujoco.get_mju_user_warning() is warning
+    assert dataclasses.asdict(cfg) == before  # the caller's config is not filled in behind its back
 
     # The command recorded in the summary reproduces the run's settings (not the caller's argv).
     command = summary["command"].split()
     assert command[:2] == ["python", "macaw.py"]
     again = macaw.parse_config(command[2:]).resolve(macaw.BENCHMARKS["point-robot"])
-    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg.resolve(macaw.BENCHMARKS["point-robot"]))
 
     # From a worker thread (where Python allows no signal handlers) it runs too.
     errors = []
@@ -1374,3 +1376,11 @@ def test_compiled_meta_gradient_path_matches_backward(kw):
         expected = torch.zeros_like(a) if a.grad is None else a.grad  # Meta-BC never uses the value function
         torch.testing.assert_close(expected, b.grad, rtol=1e-4, atol=1e-7, msg=name)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_every_table_in_the_docs_is_what_results_gives():
+    """README.md and docs/*.md hold no number typed by hand: each marked table equals what studies/tables.py
+    prints from results/ (run `python studies/tables.py` after changing a result)."""
+    sys.path.insert(0, str(HERE / "studies"))
+    import tables
+    assert tables.main(["--check"]) == 0

@@ -14,7 +14,6 @@ final deterministic returns (`collector_return`) and the random policy's. Use it
 collector steps a benchmark needs: where the curve flattens, more steps buy little.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 

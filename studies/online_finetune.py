@@ -14,7 +14,6 @@ After each round, one deterministic episode measures the return. Returns vs envi
 over test tasks, --repeats times each, go to results/studies/online_finetune_<env>.json (and .png).
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
