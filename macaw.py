@@ -19,8 +19,8 @@ Read sections 1-7 top to bottom: config, tasks, the offline data as MACAW reads 
 sections 4-7 (under 400 lines): networks, losses, the inner and outer loops (with the paper's baselines,
 Meta-BC and multi-task AWR), evaluation. Section 6 is a plain loop over tasks with the plain inner step,
 and `python macaw.py --plain` meta-trains with exactly that code. A default run takes section 10's faster
-forms of section 6 (2-5x faster, the same numbers to ~1e-6; the tests hold every form to section 6 and to
-a step recorded from the authors' code), picked in one place, meta_step_function. After editing section 6,
+forms of section 6 (2-5x faster, the same numbers up to float rounding; the tests hold every form to section
+6 and a step recorded from the authors' code), picked in one place, meta_step_function. After editing section 6,
 run with --plain: a default run stops and says so rather than ignore the edit. Sections 8 (making the
 data) and 9 (running it: files, locks, checkpoints, logs, plots, the CLI) are machinery a first read can
 skip. Every default mirrors the authors' `config/alg/standard.json` unless docs/differences.md says otherwise.
@@ -59,7 +59,8 @@ Algorithm 1 (meta-training), each line with the function that implements it
             phi'   <- one step on (1)                                         [adapt]
             A, w   <- (2), (3) on D_in with phi'                              [advantages, awr_weights]
             theta' <- one step on (4)                                         [adapt, inner_policy_loss]
-            L_V^out_i, L_pi^out_i <- (5), (6)                                 [task_meta_losses]
+            L_V^out_i, L_pi^out_i <- (5), (6)                                 [outer_losses]
+        J <- the sum over i of both, / N_train                                [meta_objective]
         Adam step on grad J for phi, theta, l, lambda                         [meta_train_step]
     Meta-test on a held-out task: D = 256 random offline rows of it; phi', theta' by (1)-(4) on D;
     act with mu_theta'(s) in that task's environment                          [evaluate]
@@ -132,7 +133,7 @@ class Config:
     env: str = arg("cheetah-dir", "benchmark: cheetah-dir, cheetah-vel, ant-dir, walker-params or point-robot")
     method: str = arg("macaw", "macaw, or a baseline of the paper: meta-bc or mt-awr (docs/comparisons.md)")
     seed: int = arg(1, "seed of meta-training and evaluation (the offline data has its own --data-seed)")
-    steps: int = arg(-1, "meta-training steps; -1 = the benchmark's default (see BENCHMARKS)")
+    steps: int = arg(-1, "meta-training steps; -1 = the benchmark's default (15000; point-robot 400)")
     eval_every: int = arg(-1, "evaluate every this many meta-steps; -1 = the benchmark's default")
     device: str = arg("cpu", "torch device, e.g. cpu or cuda")
     threads: int = arg(1, "torch CPU threads; 1 is steadiest on small nets (docs/speed.md)")
@@ -140,7 +141,7 @@ class Config:
     out: str = arg("runs", "runs are written to <out>/<run-name>/")
     run_name: str = arg("", "name of the run folder; default <env>-seed<seed> (a baseline: <env>-<method>-seed<seed>)")
     resume: str = arg("", "path of a run folder to continue from its checkpoint")
-    # --- MACAW (authors' standard.json)
+    # --- MACAW (the authors' standard.json, except where docs/differences.md says)
     net_width: int = arg(100, "hidden width of the policy and value networks")
     net_depth: int = arg(3, "hidden layers of the policy and value networks")
     latent_dim: int = arg(100, "size of the latent z of each weight-transform layer")
@@ -192,11 +193,9 @@ class Config:
         if cfg.plain and cfg.compile:
             raise UserError("--compile compiles the faster forms, --plain runs section 6 as written: pass one of them")
         cfg.run_name = cfg.run_name or default_run_name(cfg)
-        positive = ["steps", "eval_every", "threads", "net_width", "net_depth", "latent_dim",
-                    "adv_head_width", "inner_batch", "outer_batch", "meta_batch", "buffer_skip",
-                    "eval_batch", "eval_rollouts", "final_eval_rollouts", "collector_steps", "collector_width",
-                    "finetune_steps"]
-        for name in positive:
+        for name in ("steps", "eval_every", "threads", "net_width", "net_depth", "latent_dim", "adv_head_width",
+                     "inner_batch", "outer_batch", "meta_batch", "buffer_skip", "eval_batch", "eval_rollouts",
+                     "final_eval_rollouts", "collector_steps", "collector_width", "finetune_steps"):
             if getattr(cfg, name) < 1:
                 raise UserError(f"{flag_name(name)} must be >= 1 (got {getattr(cfg, name)})")
         for name in ("inner_lr_init", "adv_coef_init", "outer_policy_lr", "outer_value_lr",
@@ -261,15 +260,14 @@ def mujoco_warning(message):
 def mujoco_warnings():
     """mujoco_warning as MuJoCo's (process-wide) warning handler while a run or a data worker lasts, then the
     previous one again: importing this file changes nothing in the importing process."""
-    if mujoco is None:
-        yield
-        return
-    previous = mujoco.get_mju_user_warning()
-    mujoco.set_mju_user_warning(mujoco_warning)
+    previous = mujoco.get_mju_user_warning() if mujoco else None
+    if mujoco:
+        mujoco.set_mju_user_warning(mujoco_warning)
     try:
         yield
     finally:
-        mujoco.set_mju_user_warning(previous)
+        if mujoco:
+            mujoco.set_mju_user_warning(previous)
 
 
 class TaskEnv(gym.Wrapper):
@@ -596,10 +594,11 @@ def load_benchmark_data(cfg, bench, stop=()):
 # 4. Networks. Every linear layer is a weight-transform layer (WLinear) unless --no-weight-transform.
 # ================================================================================================
 class WLinear(nn.Module):
-    """y = x Omega + b, (Omega, b) generated from a learned latent: omega = T z + c (the paper's weight transform).
+    """y = x Omega + b, where omega = T z + c is generated from a learned latent z and split into the layer's
+    matrix Omega and bias b (the paper's weight transform; T and c are the transform's weight and bias).
 
     With G = dL/domega (the plain layer's gradient as one vector), dL/dT = G z^T, dL/dz = T^T G and dL/dc = G,
-    so one SGD step on (z, T, c) moves omega by  -(a_T |z|^2 + a_c) G - a_z T T^T G  (to first order): the
+    so one SGD step on (z, T, c) moves omega by  -(alpha_T |z|^2 + alpha_c) G - alpha_z T T^T G  (to first order): the
     plain direction, rescaled, plus the gradient mixed through T T^T. T is meta-learned, so meta-training
     shapes which weight changes one step from a few examples makes: a learned preconditioner (the paper's
     "expressivity of the MAML update"; the tutorial's section 3 shows it is not about rank).
@@ -707,11 +706,11 @@ def bootstrapped_return(value, vparams, batch):
 
 
 def advantages(value, vparams, batch):
-    """Equation (2): A(s, a) = mc_return + gamma^(H-t) V(s_H) - V(s), never differentiated. (B,)
-    V(s) and V(s_H) come from one forward pass over both (each pass regenerates a WLinear's weights)."""
+    """Equation (2): A(s, a) = mc_return + gamma^(H-t) V(s_H) - V(s), never differentiated: in the policy
+    losses it is a constant weight. V(s) and V(s_H) in one call, over both batches of states. (B,)"""
     vparams = {k: v.detach() for k, v in vparams.items()}
     v_s, v_end = functional_call(value, vparams, (torch.cat([batch["obs"], batch["terminal_obs"]]),)).chunk(2)
-    return (batch["mc_return"] + batch["terminal_discount"] * v_end - v_s).detach()
+    return batch["mc_return"] + batch["terminal_discount"] * v_end - v_s
 
 
 def awr_weights(adv, adv_clip):
@@ -751,13 +750,12 @@ def inner_policy_loss(policy, pparams, raw_adv_coef, batch, adv, cfg):
 # ================================================================================================
 # 6. Inner and outer loops (Algorithm 1 in the module docstring). The (1)-(6) markers are the Key
 #    Equations, and they run in that order: `adapt` does (1)-(4) on the inner batch, then
-#    `task_meta_losses` does (5) and (6) on the outer batch, recomputing (2)-(3) there with phi'.
-#    This is the form to read. A default run takes section 10's faster forms of it (the same numbers to
-#    ~1e-6); --plain runs this section exactly as written.
+#    `outer_losses` does (5) and (6) on the outer batch, recomputing (2)-(3) there with phi'. This is the
+#    form to read; a default run takes section 10's faster forms of it, --plain this section as written.
 # ================================================================================================
 def sgd_step(params, grads, raw_lrs, fraction=1.0):
     """One inner step, each tensor with its own learned step size: p' = p - softplus(l_j) * g_j.
-    fraction < 1 stops part-way: with fraction 1 - 0.9 it gives the target mix phibar of (5)."""
+    fraction < 1 stops part-way: with fraction 1 - rho it gives the target mix phibar of (5)."""
     alphas = fraction * F.softplus(raw_lrs)  # alpha_j of every tensor j, in parameter order
     return {k: p - a * grads[k] for (k, p), a in zip(params.items(), alphas)}
 
@@ -782,7 +780,7 @@ def adapt(model, vparams, pparams, inner, cfg):
 
     v_grads, inner_v = grad(value_step_loss, has_aux=True)(vparams)
     adapted_v = sgd_step(vparams, v_grads, model.raw_value_lrs)  # phi' = phi - alpha_V * grad
-    # phibar = 0.9 phi + 0.1 phi' = phi - 0.1 alpha_V * grad: a fresh, gradient-free target (no target network)
+    # phibar = rho phi + (1 - rho) phi' = phi - (1 - rho) alpha_V * grad: fresh, gradient-free (no target network)
     target_v = {k: p.detach() for k, p in sgd_step(vparams, v_grads, model.raw_value_lrs,
                                                    1 - cfg.target_vf_alpha).items()}
     adv = advantages(model.value, adapted_v, inner)  # (2) from the ADAPTED value function, no gradient
@@ -861,13 +859,10 @@ def finetune(model, batch, cfg, params=None):
 
 def make_optimizers(model, cfg):
     """Adam on the value weights (--outer-value-lr, default 1e-4; authors 1e-5), the policy weights
-    (--outer-policy-lr, 1e-4) and the raw step sizes + lambda (--outer-log-lr-lr, 1e-3). fused=True:
-    the same update in one kernel per group (faster than the per-tensor loop over 4.9 M weights)."""
-    fused = model.raw_adv_coef.device.type in ("cpu", "cuda")  # where torch has the fused kernel
-    return [torch.optim.Adam(model.value.parameters(), lr=cfg.outer_value_lr, fused=fused),
-            torch.optim.Adam(model.policy.parameters(), lr=cfg.outer_policy_lr, fused=fused),
-            torch.optim.Adam([model.raw_value_lrs, model.raw_policy_lrs, model.raw_adv_coef],
-                             lr=cfg.outer_log_lr_lr, fused=fused)]
+    (--outer-policy-lr, 1e-4) and the raw step sizes + lambda (--outer-log-lr-lr, 1e-3)."""
+    return [torch.optim.Adam(model.value.parameters(), lr=cfg.outer_value_lr),
+            torch.optim.Adam(model.policy.parameters(), lr=cfg.outer_policy_lr),
+            torch.optim.Adam([model.raw_value_lrs, model.raw_policy_lrs, model.raw_adv_coef], lr=cfg.outer_log_lr_lr)]
 
 
 class NonFiniteError(Exception):
@@ -1401,9 +1396,8 @@ CHECKPOINT_KEYS = ("model", "optimizers", "generator", "torch_rng", "step", "wal
 
 
 def save_checkpoint(path, model, optimizers, gen, step, wall_time, running, cfg):
-    """Everything a resumed run needs to continue exactly: weights, Adam states, RNG states, the step,
-    and the losses of the current logging interval (`running`). The previous checkpoint is kept
-    beside it as checkpoint.prev.pt, in case the latest is damaged later."""
+    """Everything a resumed run needs to continue exactly (weights, Adam and RNG states, the step, the current
+    logging interval's losses); the previous checkpoint stays beside it as checkpoint.prev.pt."""
     state = dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                  generator=gen.get_state(), torch_rng=torch.get_rng_state(), step=step,
                  wall_time=wall_time, running=running, config=dataclasses.asdict(cfg))
@@ -1496,10 +1490,9 @@ def command_line(cfg, bench):
 
 
 def summarize(cfg, bench, task_data, final_eval, wall_time, data_time, run_versions):
-    """Per test task: returns before and after adaptation (mean and every adaptation's), the data's
-    collector and random returns, the normalised score; overall: the mean normalised score and the
-    share of adaptations that reach half of the collector's (normalised >= 0.5: all-or-nothing
-    adaptation shows up here, not in the mean)."""
+    """Per test task: returns before and after adaptation (mean and every adaptation's), the collector's and
+    random returns, the normalised score; overall: the means, and the share of adaptations reaching half
+    the collector's normalised return (all-or-nothing adaptation shows up there, not in the mean)."""
     tasks = {}
     for k, res in final_eval.items():
         d = task_data[k]
@@ -1594,10 +1587,8 @@ def run_settings(cfg):
 
 
 def train(cfg):
-    """Run MACAW end to end; returns the summary dict (also written to <run>/summary.json).
-
-    Raises UserError (one-line message) for anything the user can fix. Holds the run folder's lock
-    throughout, so a second run into the same folder stops at once, naming this one's pid."""
+    """Run MACAW end to end; returns the summary dict (also in <run>/summary.json). Raises UserError (one line)
+    for anything the user can fix; holds the run folder's lock throughout."""
     if cfg.resume:
         cfg = load_resume_config(cfg)
     bench = get_benchmark(cfg.env)
@@ -1623,7 +1614,7 @@ def run_locked(cfg, bench, run_dir, stop):
     data_time = time.time() - t0
     obs_dim, act_dim = task_data[0].tensors["obs"].shape[1], task_data[0].tensors["actions"].shape[1]
     model = MACAW(obs_dim, act_dim, cfg).to(cfg.device)  # obs_dim includes mt-awr's task id
-    optimizers = make_optimizers(model, cfg)
+    optimizers, meta_step = meta_step_function(model, len(bench.train_ids), cfg)  # section 6's forms or 10's
     gen = torch.Generator().manual_seed(cfg.seed)  # all batch sampling draws from this
     step, wall_time, running = 0, 0.0, []
     ckpt_path, log_path, summary_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl", run_dir / "summary.json"
@@ -1653,7 +1644,6 @@ def run_locked(cfg, bench, run_dir, stop):
 
     # Ctrl-C / SIGTERM only append to `stop` (run_settings), checked between meta-steps, so a
     # checkpoint never holds half a step.
-    meta_step = meta_step_function(model, optimizers, len(bench.train_ids), cfg)  # section 6 or 10
     if cfg.compile:
         print("--compile: the first meta-step compiles the meta-gradient (a minute or two)")
     bar = tqdm(total=cfg.steps, initial=step, desc="meta-train", mininterval=1, dynamic_ncols=True)
@@ -1721,15 +1711,16 @@ def main(argv=None):
 #     these (--plain: section 6 as written), each exact and tested against section 6 and the authors' step:
 #     the fast inner step (no stepped copy of any T), vmap over the tasks of a meta-batch, each T's
 #     meta-gradient in one product (merged_transform_losses), and, opt-in, --compile. The fast_* functions
-#     are section 6's line for line except where marked: diff them. Measured gains: docs/speed.md.
+#     differ from section 6's only in what they call: diff them. Measured gains: docs/speed.md.
 # ================================================================================================
 # The fast inner step, exact. A WLinear generates omega = T z + c; with G = dL/domega the chain rule gives
 #     dL/dc = G,    dL/dz = T^T G,    dL/dT = G z^T   (an outer product: (in*out + out) x latent, ~1M numbers).
-# One SGD step makes z' = z - a_z T^T G, T' = T - a_T G z^T and c' = c - a_c G, so the adapted weights are
-#     omega' = T' z' + c' = T z' - a_T (z . z') G + c - a_c G = T z' + c'',  c'' = c - (a_c + a_T (z . z')) G:
+# One SGD step makes z' = z - alpha_z T^T G, T' = T - alpha_T G z^T and c' = c - alpha_c G, so the adapted weights are
+#     omega' = T' z' + c' = T z' - alpha_T (z . z') G + c - alpha_c G = T z' + c'',
+#     c'' = c - (alpha_c + alpha_T (z . z')) G:
 # the UNCHANGED T with a shifted bias. T' and dL/dT never exist, and as G = dL/dc, the inner gradient is
 # needed only for z and c; autograd through this form gives the same meta-gradient. It holds part-way along
-# the step too (every a scaled alike), and for ONE step from (z, T, c): a multi-step edit belongs in section 6.
+# the step too (every alpha scaled alike), and for ONE step from (z, T, c): a multi-step edit belongs in section 6.
 def is_transform_matrix(name):
     return name.endswith(".fc.weight")  # T of a WLinear (plain nn.Linear weights are named "<layer>.weight")
 
@@ -1744,7 +1735,7 @@ def fast_sgd_step(params, grads, raw_lrs, fraction=1.0, probes=None):
     for k, p in params.items():  # (a WLinear's z comes before its T and c)
         if is_transform_matrix(k):
             stepped[k] = p  # T stays as it is
-        elif k.endswith(".fc.bias"):  # c'' = c - (a_c + a_T (z . z')) G, with G = dL/dc
+        elif k.endswith(".fc.bias"):  # c'' = c - (alpha_c + alpha_T (z . z')) G, with G = dL/dc
             layer = k[:-len("fc.bias")]
             z, z_new = params[layer + "z"], stepped[layer + "z"]
             stepped[k] = p - (lr[k] + lr[layer + "fc.weight"] * (z @ z_new)) * grads[k]
@@ -1810,13 +1801,11 @@ def fast_meta_losses(model, batches, cfg, merge=True):
     return vmap(lambda inner, outer: fast_task_meta_losses(model, vparams, pparams, inner, outer, cfg))(inner, outer)
 
 
-# Merged T gradients. In the fast form, T enters J only through matrix-vector products: omega = T z + c before
-# the step, dL/dz = T^T G in the inner gradient, omega' = T z' + c'' after it. Each product y = T x adds
-# (dJ/dy) x^T to dJ/dT (for y = T^T G: G (dJ/dy)^T), and autograd writes every one of these 1 M-number outer
-# products separately and then adds them up: memory traffic, not arithmetic. So this form uses T detached
-# inside the step and adds a zero "probe" tensor to each product's output. The probes come out of one
-# autograd node (MergedTransformGradients) whose inputs are the T's: backward() hands it every probe's
-# gradient dJ/dy at once, and it returns dJ/dT = sum_uses (dJ/dy) x^T as ONE product of two thin matrices.
+# Merged T gradients. In the fast form T enters J only through products: omega = T z + c, dL/dz = T^T G and
+# omega' = T z' + c''. Each y = T x adds (dJ/dy) x^T to dJ/dT (y = T^T G adds G (dJ/dy)^T), and autograd writes
+# each 1 M-number outer product separately, then sums them: memory traffic, not arithmetic. So T is used
+# detached and a zero "probe" is added to each product's output; one autograd node (MergedTransformGradients)
+# turns the probes' gradients into dJ/dT = sum_uses (dJ/dy) x^T, ONE product of two thin matrices per T.
 def zero_probes(T, tasks):
     """The three zero probes of one T (P, latent): at omega (P,), at dL/dz (tasks, latent), at omega' (tasks, P)."""
     return T.new_zeros(T.shape[0]), T.new_zeros(tasks, T.shape[1]), T.new_zeros(tasks, T.shape[0])
@@ -1860,10 +1849,9 @@ def probes_dropped(layer):
 
 
 class MergedTransformGradients(torch.autograd.Function):
-    """Forward: from each T (P, latent), three zero probes: at omega (P,), at dL/dz (tasks, latent) and at
-    omega' (tasks, P). Backward: the probes' gradients, all at once, -> dJ/dT for every T, one product each.
-    `record` holds what the products need: each layer's (network, prefix) and z, and the factors G, z' that
-    the step records (filled in after the vmap)."""
+    """Forward: each T (P, latent) -> its three zero probes. Backward: all the probes' gradients -> dJ/dT for
+    every T, one product each. `record`: each layer's (network, prefix) and z, and the factors G, z' that the
+    step records (filled in after the vmap)."""
 
     @staticmethod
     def forward(ctx, record, tasks, *transforms):
@@ -1955,7 +1943,7 @@ class MetaObjective(nn.Module):
 
 def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor"):
     """--compile: (meta-parameters, batches) -> (dJ/dparams, (J, losses)) as ONE pure function, compiled with
-    torch.compile. The same numbers as backward() (to ~1e-6), faster after up to a minute or two of compiling
+    torch.compile. The same numbers as backward() up to float rounding, faster after up to a minute or two of compiling
     (docs/speed.md); never needed for correctness. torch.compile cannot trace autograd's double backward,
     which backward() uses, so J is differentiated with torch.func.grad instead."""
     objective = MetaObjective(model, n_train_tasks, cfg)
@@ -1970,19 +1958,29 @@ SECTION_6 = {f.__name__: f for f in (sgd_step, adapt, outer_losses, task_meta_lo
                                       meta_train_step)}
 
 
-def meta_step_function(model, optimizers, n_train_tasks, cfg):
-    """THE seam between section 6 and this section: the function train() calls once per meta-step,
-    batches -> logged losses. --plain: section 6's meta_train_step as written; by default the faster forms
-    (--compile: compiled). A section-6 function replaced from outside (a notebook's or an exercise's edit)
-    would be ignored by the faster forms, so that stops here with the fix."""
+def fast_optimizers(model, cfg):
+    """make_optimizers with fused Adam: the same update in one kernel per group, where torch has one."""
+    fused = model.raw_adv_coef.device.type in ("cpu", "cuda")
+    return [torch.optim.Adam(opt.param_groups[0]["params"], lr=opt.param_groups[0]["lr"], fused=fused)
+            for opt in make_optimizers(model, cfg)]
+
+
+def meta_step_function(model, n_train_tasks, cfg):
+    """THE seam between section 6 and this section: the optimisers and the function train() calls once per
+    meta-step, batches -> logged losses. --plain: section 6's make_optimizers and meta_train_step as written;
+    by default the faster forms (--compile: compiled). A section-6 function replaced from outside (a
+    notebook's or an exercise's edit) would be ignored by the faster forms, so that stops here with the fix."""
     if cfg.plain:
-        return lambda batches: meta_train_step(model, optimizers, batches, n_train_tasks, cfg)
+        optimizers = make_optimizers(model, cfg)
+        return optimizers, lambda batches: meta_train_step(model, optimizers, batches, n_train_tasks, cfg)
     edited = [name for name, f in SECTION_6.items() if globals()[name] is not f]
     if edited:
         raise UserError(f"macaw.{edited[0]} was replaced, and the faster forms (section 10) would not run the edit; "
                         f"meta-train with --plain (cfg.plain = True), which runs section 6 as it now is")
+    optimizers = fast_optimizers(model, cfg)
     gradient = compiled_meta_gradient(model, n_train_tasks, cfg) if cfg.compile else None
-    return lambda batches: fast_meta_train_step(model, optimizers, batches, n_train_tasks, cfg, True, gradient)
+    return optimizers, lambda batches: fast_meta_train_step(model, optimizers, batches, n_train_tasks, cfg, True,
+                                                            gradient)
 
 
 if __name__ == "__main__":

@@ -63,10 +63,11 @@ def setup(path, tasks, device, macaw=macaw):
     torch.manual_seed(0)
     model = macaw.MACAW(OBS_DIM, ACT_DIM, cfg).to(device)
     batches = [tuple({k: v.to(device) for k, v in b.items()} for b in pair) for pair in synthetic_batches(cfg, tasks)]
-    optimizers = macaw.make_optimizers(model, cfg)
     if not sectioned:
+        optimizers = macaw.make_optimizers(model, cfg)
         gradient = macaw.compiled_meta_gradient(model, tasks, cfg) if path == "compiled" else None
         return cfg, model, optimizers, batches, lambda b: macaw.meta_train_step(model, optimizers, b, len(b), cfg, gradient)
+    optimizers, default_step = macaw.meta_step_function(model, tasks, cfg)  # what train() runs (plain: --plain)
     if path == "compiled":  # macaw.py's --compile
         gradient = macaw.compiled_meta_gradient(model, tasks, cfg)
         grads, _ = gradient({k: v.detach() for k, v in model.named_parameters()}, batches)  # compiles
@@ -79,8 +80,8 @@ def setup(path, tasks, device, macaw=macaw):
         step = lambda b: macaw.fast_meta_train_step(model, optimizers, b, len(b), cfg, True, gradient)
     elif path == "vmap":
         step = lambda b: macaw.fast_meta_train_step(model, optimizers, b, len(b), cfg, merge=False)
-    else:  # plain or merged: what train() runs without or with --plain
-        step = macaw.meta_step_function(model, optimizers, tasks, cfg)
+    else:
+        step = default_step
     return cfg, model, optimizers, batches, step
 
 
