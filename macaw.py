@@ -228,10 +228,10 @@ def flag_name(field_name):
     return "--" + field_name.replace("_", "-")
 
 
-def parse_config(argv=None):
-    """Build the CLI from the Config fields: --field-name, or --no-field for booleans that default on."""
-    parser = argparse.ArgumentParser(description="MACAW: offline meta-RL with advantage weighting, in one file")
-    for f in dataclasses.fields(Config):
+def parse_config(argv=None, config=Config, description="MACAW: offline meta-RL with advantage weighting"):
+    """Build the CLI from the fields of `config`: --field-name, or --no-field for booleans that default on."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(config):
         flag = flag_name(f.name)
         if f.type is bool or f.type == "bool":
             if f.default:
@@ -242,7 +242,7 @@ def parse_config(argv=None):
         else:
             parser.add_argument(flag, dest=f.name, type=type(f.default), default=f.default,
                                 help=f.metadata["help"] + f" (default {f.default})")
-    return Config(**vars(parser.parse_args(argv)))
+    return config(**vars(parser.parse_args(argv)))
 
 
 # ================================================================================================
@@ -1477,7 +1477,7 @@ def command_line(cfg, bench):
     """The command that reproduces this run: `python macaw.py` and the flags whose values are not
     the defaults (so the summary says what was run, also when train() is called from a notebook)."""
     parts = ["python macaw.py"]
-    for f in dataclasses.fields(Config):
+    for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         default = bench.defaults.get(f.name, f.default)
         if f.name == "resume" or value == default or (f.name == "run_name" and value == default_run_name(cfg)):
@@ -1537,19 +1537,19 @@ def load_resume_config(cfg):
         saved = json.loads((run_dir / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--resume {run_dir}: cannot read config.json ({e}); the run folder is incomplete") from None
-    given = [f for f in dataclasses.fields(Config) if f.name not in ("steps", "resume")
+    given = [f for f in dataclasses.fields(cfg) if f.name not in ("steps", "resume")
              and getattr(cfg, f.name) != f.default and getattr(cfg, f.name) != saved.get(f.name)]
     if given:
         print(f"Note: --resume keeps the run's saved settings; ignored: "
               f"{', '.join(f'{flag_name(f.name)} {getattr(cfg, f.name)}' for f in given)}")
     saved["steps"] = cfg.steps if cfg.steps != -1 else saved["steps"]
     saved.update(resume=cfg.resume, out=str(run_dir.parent), run_name=run_dir.name)
-    return saved_config(saved)
+    return saved_config(saved, type(cfg))
 
 
-def saved_config(saved):
+def saved_config(saved, config=Config):
     """A Config from a run's config.json, leaving out fields that later versions retired."""
-    return Config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Config)}})
+    return config(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(config)}})
 
 
 def check_writable(folder, flag):

@@ -17,7 +17,7 @@ import macaw  # noqa: E402
 
 
 def parse_args(description):
-    """The scripts' flags; also sets 1 torch thread (steadiest for these small networks, README "Speed")."""
+    """The scripts' flags; also sets 1 torch thread (steadiest for these small networks, docs/speed.md)."""
     torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="a tiny run that only checks the script works")

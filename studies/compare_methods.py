@@ -1,13 +1,13 @@
 """The paper's comparisons, re-run: MACAW against its baselines (study 1) and its ablations (study 2).
 
-    python studies/compare_methods.py main          # macaw, meta-bc, mt-awr on cheetah-dir and cheetah-vel
+    python studies/compare_methods.py main          # macaw, meta-bc, mt-awr, offline PEARL (cheetah-dir, -vel)
     python studies/compare_methods.py ablation      # macaw, no advantage head, no weight transform
     python studies/compare_methods.py ablation --variants no-weight-transform-wide --envs cheetah-dir \
         --seeds 1 --steps 1500 --name ablation_wide  # plain layers with MACAW's parameter count (slow)
 
-Each (benchmark, variant, seed) is one ordinary run of macaw.train() with fewer meta-steps than the main
-results (--steps, default 3000, to fit the study in about an hour on 2 cores; say so next to any number
-from it). Runs go to runs/studies/<env>-<variant>-seed<k>/ and are reused: a finished run is read
+Each (benchmark, variant, seed) is one ordinary run of macaw.train() (pearl.train for PEARL) with fewer
+meta-steps than the main results (--steps, default 3000, to fit the study in about an hour on 2 cores; say
+so next to any number from it). Runs go to runs/studies/<env>-<variant>-seed<k>/ and are reused: a finished run is read
 back, an interrupted one resumed (so the macaw runs of `main` also serve `ablation`). --jobs runs that many at once (1 torch thread each).
 
 Writes results/studies/<study>.json (every run's evaluation curve and final summary, the wall time) and
@@ -53,11 +53,12 @@ VARIANTS = {  # name -> the Config changes that make it
     "macaw": dict(),
     "meta-bc": dict(method="meta-bc"),
     "mt-awr": dict(method="mt-awr"),
+    "pearl": dict(method="pearl"),  # offline PEARL, pearl.py
     "no-adv-head": dict(adv_head=False),
     "no-weight-transform": dict(weight_transform=False),
     "no-weight-transform-wide": dict(weight_transform=False, net_width="wide"),
 }
-STUDIES = {"main": ("macaw", "meta-bc", "mt-awr"),
+STUDIES = {"main": ("macaw", "meta-bc", "mt-awr", "pearl"),
            "ablation": ("macaw", "no-adv-head", "no-weight-transform")}
 # no-weight-transform-wide (plain layers with MACAW's parameter count) is asked for by name: its meta-step
 # was ~16x slower per step than MACAW's here on a CPU (full-rank 1094 x 1094 inner updates per task), so 3 seeds x 2
@@ -74,13 +75,18 @@ def variant_config(base, variant):
 def run_one(cfg):
     """Train (or resume, or read back) one run; returns its summary and evaluation records."""
     run_dir = Path(cfg.out) / cfg.run_name
+    config, train = macaw.Config, macaw.train
+    if cfg.method == "pearl":  # its own file and config (macaw.Config's fields and PEARL's)
+        import pearl
+        config, train = pearl.PearlConfig, pearl.train
+        cfg = config(**dataclasses.asdict(cfg))
     if (run_dir / "summary.json").exists():
         summary = json.loads((run_dir / "summary.json").read_text())
     else:
         if (run_dir / "checkpoint.pt").exists():
-            cfg = dataclasses.replace(macaw.Config(), resume=str(run_dir), steps=cfg.steps)
+            cfg = dataclasses.replace(config(), resume=str(run_dir), steps=cfg.steps)
         try:
-            summary = macaw.train(cfg)
+            summary = train(cfg)
         except macaw.Interrupted:  # stopped by run_all (SIGTERM) or Ctrl-C: the run saved its checkpoint
             os._exit(130)  # leave the worker pool at once rather than wait for more work
     records = [r for r in macaw.read_log(run_dir / "log.jsonl", summary["steps"]) if "eval" in r]

@@ -193,11 +193,11 @@ def online_table(env):
 
 
 # ---- speed (docs/speed.md)
-def speed_table(path):
+def speed_table(path, forms=("plain", "vmap", "merged", "compiled", "fast")):
     records = load(RESULTS / "speed" / path)
     rows = [[r["tasks"], r["threads"], r["path"], f"{r['steps_per_s']:.2f} ({r['min']:.1f}-{r['max']:.1f})",
              f"{r['speedup_vs_plain']:.2f}x" if r.get("speedup_vs_plain") else "", f"{r['utilisation']:.1%}"]
-            for r in records if r["kind"] == "meta_step"]
+            for r in records if r["kind"] == "meta_step" and r["path"] in forms]
     device = records[0]["device"]
     return f"{device}, {records[0]['date']}:\n\n" + table(
         ["tasks", "threads", "form", "meta-steps/s, median (min-max)", "vs plain", "utilisation"], rows)
@@ -205,15 +205,8 @@ def speed_table(path):
 
 def memory_table(path):
     return table(["form", "peak memory of a step, 5 tasks"],
-                 [[r["path"], f"{r['peak_mb']:.0f} MB"] for r in load(RESULTS / "speed" / path) if r["kind"] == "memory"])
-
-
-def ab_table():
-    records = load(RESULTS / "speed" / "refactor_ab.json")
-    return f"{records[0]['device']}, {records[0]['date']}, 1 thread:\n\n" + table(
-        ["tasks", "form", "before (meta-steps/s)", "after", "after / before"],
-        [[r["tasks"], r["path"], f"{r['before']:.2f} ({r['before_min']:.1f}-{r['before_max']:.1f})",
-          f"{r['after']:.2f} ({r['after_min']:.1f}-{r['after_max']:.1f})", f"{r['ratio']:.3f}"] for r in records])
+                 [[r["path"], f"{r['peak_mb']:.0f} MB"] for r in load(RESULTS / "speed" / path)
+                  if r["kind"] == "memory"])
 
 
 def collector_designs_table():
@@ -235,8 +228,10 @@ TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": u
           **{f"consistency {e}": (lambda e=e: consistency_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
           **{f"data_quality {e}": (lambda e=e: data_quality_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
           **{f"online {e}": (lambda e=e: online_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
-          **{f"speed {cpu}": (lambda cpu=cpu: speed_table(f"meta_step_{cpu}.json")) for cpu in ("epyc", "xeon", "h100")},
-          "memory": lambda: memory_table("meta_step_epyc.json"), "speed-ab": ab_table,
+          "speed epyc": lambda: speed_table("meta_step_epyc.json"),
+          "speed xeon": lambda: speed_table("meta_step_xeon.json", ("plain", "vmap", "merged", "compiled")),
+          "speed h100": lambda: speed_table("meta_step_h100.json"),
+          "memory": lambda: memory_table("meta_step_epyc.json"),
           "collector-designs": collector_designs_table}
 START, END = "<!-- table ", "<!-- end table -->"
 
