@@ -374,7 +374,7 @@ def test_merged_transform_gradients_equal_autograds_own(method):
 
 def test_an_edited_fast_adapt_that_drops_the_probes_fails_loudly(monkeypatch):
     """An edit of fast_adapt that does not pass its probes on would make the merged T gradients wrong: backward()
-    and the --compile path (here with the 'eager' backend) say so instead, and name the fix."""
+    says so instead, and names the fix."""
     cfg = small_config()
     model = macaw.MACAW(5, 2, cfg)
     original = macaw.fast_adapt
@@ -384,9 +384,6 @@ def test_an_edited_fast_adapt_that_drops_the_probes_fails_loudly(monkeypatch):
     losses = macaw.fast_meta_losses(model, batches, cfg)
     with pytest.raises(RuntimeError, match="--plain"):
         losses["outer_value"].sum().backward()
-    compiled = macaw.compiled_meta_gradient(model, 1, cfg, "eager")
-    with pytest.raises(RuntimeError, match="--plain"):
-        compiled({k: p.detach() for k, p in model.named_parameters()}, batches)
 
 
 @pytest.mark.parametrize("name", ["adapt", "task_meta_losses", "sgd_step"])

@@ -209,6 +209,17 @@ def memory_table(path):
                   if r["kind"] == "memory"])
 
 
+def authors_table():
+    res = load(RESULTS / "speed" / "authors_vs_this_xeon.json")
+    mean = lambda xs: float(np.mean(xs))
+    return f"{res['device']}, {res['date']}:\n\n" + table(
+        ["tasks", "the authors' step (meta-steps/s)", "plain (section 6)", "default (section 10)", "default / authors'",
+         "plain / authors'"],
+        [[r["tasks"], " / ".join(f"{x:.2f}" for x in r["authors"]), " / ".join(f"{x:.2f}" for x in r["plain"]),
+          " / ".join(f"{x:.1f}" for x in r["default"]), f"{mean(r['default']) / mean(r['authors']):.1f}x",
+          f"{mean(r['plain']) / mean(r['authors']):.1f}x"] for r in res["records"]])
+
+
 def collector_designs_table():
     rows = []
     for env in ("cheetah-vel", "ant-dir"):
@@ -231,7 +242,7 @@ TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": u
           "speed epyc": lambda: speed_table("meta_step_epyc.json"),
           "speed xeon": lambda: speed_table("meta_step_xeon.json", ("plain", "vmap", "merged", "compiled")),
           "speed h100": lambda: speed_table("meta_step_h100.json"),
-          "memory": lambda: memory_table("meta_step_epyc.json"),
+          "memory": lambda: memory_table("meta_step_epyc.json"), "authors": authors_table,
           "collector-designs": collector_designs_table}
 START, END = "<!-- table ", "<!-- end table -->"
 
