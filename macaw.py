@@ -80,6 +80,8 @@ Why each design choice (one line each)
 import argparse
 import contextlib
 import dataclasses
+import hashlib
+import inspect
 import io
 import json
 import math
@@ -1322,7 +1324,7 @@ def atomic_write(path, write, keep_previous=False):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         if keep_previous and path.exists():
-            os.replace(path, previous_version(path))
+            os.replace(path, path.with_name(f"{path.stem}.prev{path.suffix}"))  # checkpoint.prev.pt
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
@@ -1338,10 +1340,6 @@ def atomic_torch_save(path, obj, keep_previous=False):
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()), keep_previous=keep_previous)
-
-
-def previous_version(path):
-    return path.with_name(f"{path.stem}.prev{path.suffix}")  # checkpoint.pt -> checkpoint.prev.pt
 
 
 @contextlib.contextmanager
@@ -1410,7 +1408,7 @@ def load_checkpoint(run_dir, device):
     """The latest readable checkpoint of a run: checkpoint.pt, else (saying so) checkpoint.prev.pt."""
     latest = run_dir / "checkpoint.pt"
     problems = []
-    for path in (latest, previous_version(latest)):
+    for path in (latest, run_dir / "checkpoint.prev.pt"):
         if not path.exists():
             problems.append(f"{path.name} is missing")
             continue
@@ -1441,7 +1439,7 @@ def read_log(path, up_to_step):
     return [r for r in records if r["step"] <= up_to_step]
 
 
-def plot_run(records, task_data, bench, path):
+def plot_run(records, task_data, bench, path, losses=("outer_value", "outer_policy", "inner_policy")):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1461,8 +1459,8 @@ def plot_run(records, task_data, bench, path):
     ax_ret.set(xlabel="meta-training step", ylabel="episode return",
                title=f"{bench.name}: test-task returns (band: min-max over adaptations)")
     ax_ret.legend(fontsize=7)
-    train = [r for r in records if "outer_value" in r]
-    for key in [k for k in ("outer_value", "outer_policy", "inner_policy") if train and k in train[0]]:
+    train = [r for r in records if losses[0] in r]
+    for key in [k for k in losses if train and k in train[0]]:
         ax_loss.plot([r["step"] for r in train], [r[key] for r in train], label=key)
     ax_loss.set(xlabel="meta-training step", ylabel="loss", yscale="symlog", title="meta-training losses")
     ax_loss.legend(fontsize=7)
@@ -1642,8 +1640,7 @@ def run_locked(cfg, bench, run_dir, stop):
         save_checkpoint(ckpt_path, model, optimizers, gen, step, time.time() - t_start, running, cfg)
         atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
-    # Ctrl-C / SIGTERM only append to `stop` (run_settings), checked between meta-steps, so a
-    # checkpoint never holds half a step.
+    # Ctrl-C / SIGTERM only append to `stop` (run_settings), checked between meta-steps: no half-step checkpoint.
     if cfg.compile:
         print("--compile: the first meta-step compiles the meta-gradient (a minute or two)")
     bar = tqdm(total=cfg.steps, initial=step, desc="meta-train", mininterval=1, dynamic_ncols=True)
@@ -1806,11 +1803,6 @@ def fast_meta_losses(model, batches, cfg, merge=True):
 # each 1 M-number outer product separately, then sums them: memory traffic, not arithmetic. So T is used
 # detached and a zero "probe" is added to each product's output; one autograd node (MergedTransformGradients)
 # turns the probes' gradients into dJ/dT = sum_uses (dJ/dy) x^T, ONE product of two thin matrices per T.
-def zero_probes(T, tasks):
-    """The three zero probes of one T (P, latent): at omega (P,), at dL/dz (tasks, latent), at omega' (tasks, P)."""
-    return T.new_zeros(T.shape[0]), T.new_zeros(tasks, T.shape[1]), T.new_zeros(tasks, T.shape[0])
-
-
 def merged_transform_gradient(z, factors, g_omega, g_z, g_adapted):
     """dJ/dT of one layer from its probes' gradients, ONE product of two thin matrices: sum over T's uses of
     (dJ/dy) x^T. z: the layer's latent; factors: its (G, z') per task from fast_sgd_step, or (None, None)."""
@@ -1857,7 +1849,9 @@ class MergedTransformGradients(torch.autograd.Function):
     def forward(ctx, record, tasks, *transforms):
         ctx.record = record
         ctx.set_materialize_grads(False)  # None for a probe that J does not reach
-        return tuple(p for T in transforms for p in zero_probes(T, tasks))
+        # per T (P, latent), zeros at omega (P,), at dL/dz (tasks, latent) and at omega' (tasks, P)
+        return tuple(p for T in transforms for p in (T.new_zeros(T.shape[0]), T.new_zeros(tasks, T.shape[1]),
+                                                     T.new_zeros(tasks, T.shape[0])))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -1870,16 +1864,12 @@ class MergedTransformGradients(torch.autograd.Function):
         return None, None, *grad_T
 
 
-def wlinear_layers(params):
-    """Prefixes ('seq.fc_0.', ...) of the WLinear layers in a params dict."""
-    return [k[:-len("fc.weight")] for k in params if is_transform_matrix(k)]
-
-
 def merged_transform_losses(model, vparams, pparams, inner, outer, cfg):
     """fast_meta_losses with every T used detached, and the probes that let backward() form each T's
     meta-gradient as one matrix product (MergedTransformGradients)."""
     tasks, nets = len(inner["obs"]), (vparams, pparams)
-    layers = [(net, l) for net, params in enumerate(nets) for l in wlinear_layers(params)]
+    layers = [(net, k[:-len("fc.weight")]) for net, params in enumerate(nets) for k in params  # ('seq.fc_0.', ...)
+              if is_transform_matrix(k)]
     record = dict(layers=layers, z=[nets[net][l + "z"].detach() for net, l in layers], factors=None)
     made = MergedTransformGradients.apply(record, tasks, *[nets[net][l + "fc.weight"] for net, l in layers])
     probes = [{}, {}]  # per network: layer -> dict(omega, z, adapted)
@@ -1954,8 +1944,17 @@ def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor"):
     return torch.compile(grad(differentiated, has_aux=True), backend=backend)
 
 
-SECTION_6 = {f.__name__: f for f in (sgd_step, adapt, outer_losses, task_meta_losses, meta_losses, meta_objective,
-                                      meta_train_step)}
+SECTION_6 = ("sgd_step", "adapt", "outer_losses", "task_meta_losses", "meta_losses", "meta_objective",
+             "meta_train_step")
+SECTION_6_SOURCE = "aebf2364b2b264ad"  # section_6_source() of the section 6 that section 10 mirrors; a test checks it
+
+
+def section_6_source():
+    """A fingerprint of section 6's code as it now runs: the source of its functions (None if unreadable)."""
+    try:
+        return hashlib.sha256("".join(inspect.getsource(globals()[n]) for n in SECTION_6).encode()).hexdigest()[:16]
+    except (OSError, TypeError):  # e.g. a function defined in a notebook cell
+        return None
 
 
 def fast_optimizers(model, cfg):
@@ -1968,15 +1967,14 @@ def fast_optimizers(model, cfg):
 def meta_step_function(model, n_train_tasks, cfg):
     """THE seam between section 6 and this section: the optimisers and the function train() calls once per
     meta-step, batches -> logged losses. --plain: section 6's make_optimizers and meta_train_step as written;
-    by default the faster forms (--compile: compiled). A section-6 function replaced from outside (a
-    notebook's or an exercise's edit) would be ignored by the faster forms, so that stops here with the fix."""
+    by default the faster forms (--compile: compiled). An edit of section 6, in the file or swapped in from a
+    notebook, would be ignored by the faster forms, so a run stops here with the fix."""
     if cfg.plain:
         optimizers = make_optimizers(model, cfg)
         return optimizers, lambda batches: meta_train_step(model, optimizers, batches, n_train_tasks, cfg)
-    edited = [name for name, f in SECTION_6.items() if globals()[name] is not f]
-    if edited:
-        raise UserError(f"macaw.{edited[0]} was replaced, and the faster forms (section 10) would not run the edit; "
-                        f"meta-train with --plain (cfg.plain = True), which runs section 6 as it now is")
+    if section_6_source() != SECTION_6_SOURCE:
+        raise UserError("section 6 of macaw.py was edited (or one of its functions replaced), and the faster forms "
+                        "of section 10 would not run the edit; meta-train with --plain (cfg.plain = True)")
     optimizers = fast_optimizers(model, cfg)
     gradient = compiled_meta_gradient(model, n_train_tasks, cfg) if cfg.compile else None
     return optimizers, lambda batches: fast_meta_train_step(model, optimizers, batches, n_train_tasks, cfg, True,

@@ -40,25 +40,41 @@ from macaw import arg
 @dataclass
 class PearlConfig(macaw.Config):
     """macaw.py's Config (env, seed, data, evaluation, run folders) plus PEARL's own settings."""
-    latent_size: int = arg(5, "size of the task latent z (PEARL: 5)")
+    latent_size: int = arg(5, "size of the task latent (PEARL: 5)")
     pearl_width: int = arg(300, "hidden width of the policy, critics and value function (PEARL: 300)")
     encoder_width: int = arg(200, "hidden width of the context encoder (PEARL: 200)")
     pearl_meta_batch: int = arg(16, "tasks per training step (PEARL: 16; all of them if a benchmark has fewer)")
     rl_batch: int = arg(256, "RL transitions per task and step (PEARL: 256)")
     context_batch: int = arg(64, "context transitions per task and step (PEARL: 64)")
-    kl_weight: float = arg(0.1, "weight of KL(q(z | c) || N(0, I)) in the encoder's loss (PEARL: 0.1)")
+    kl_weight: float = arg(0.1, "weight of KL(q(task_z | context) || N(0, I)) in the encoder's loss (PEARL: 0.1)")
     reward_scale: float = arg(5.0, "rewards are multiplied by this in the Bellman target (PEARL: 5)")
     pearl_lr: float = arg(3e-4, "Adam learning rate of every PEARL network (PEARL: 3e-4)")
     target_tau: float = arg(0.005, "soft update rate of the target value function (PEARL: 0.005)")
 
     def resolve(self, bench):
-        """macaw.Config.resolve (benchmark defaults, checks), with PEARL's run name and method."""
+        """macaw.Config.resolve (the benchmark's defaults, every check), with PEARL's run name and method. (It
+        resolves as method "macaw", the one whose checks apply, and refuses MACAW's own settings, unused here.)"""
+        unused = [f.name for f in dataclasses.fields(macaw.Config) if f.name in MACAW_ONLY
+                  and getattr(self, f.name) != f.default and not (f.name == "method" and self.method == "pearl")]
+        if unused:
+            raise macaw.UserError(f"pearl.py does not use {macaw.flag_name(unused[0])} (a MACAW setting); PEARL's "
+                                  f"own are --latent-size, --pearl-width, --pearl-meta-batch, ... (python pearl.py -h)")
         name = self.run_name or f"{self.env}-pearl-seed{self.seed}"
         cfg = macaw.Config.resolve(dataclasses.replace(self, method="macaw", run_name=name), bench)
         for key in ("latent_size", "pearl_width", "encoder_width", "pearl_meta_batch", "rl_batch", "context_batch"):
             if getattr(cfg, key) < 1:
                 raise macaw.UserError(f"{macaw.flag_name(key)} must be >= 1 (got {getattr(cfg, key)})")
+        rows = cfg.collector_steps // cfg.buffer_skip
+        if max(cfg.rl_batch, cfg.context_batch) > rows:
+            raise macaw.UserError(f"--rl-batch / --context-batch exceed a task's {rows} transitions; lower them")
         return dataclasses.replace(cfg, method="pearl")
+
+
+# macaw.py's settings that PEARL has no use for (its networks, meta-learning and MACAW's faster forms)
+MACAW_ONLY = ("method", "net_width", "net_depth", "latent_dim", "adv_head_width", "weight_transform", "adv_head",
+              "inner_batch", "outer_batch", "meta_batch", "inner_lr_init", "adv_coef_init", "outer_policy_lr",
+              "outer_value_lr", "outer_log_lr_lr", "action_sigma", "adv_clip", "target_vf_alpha",
+              "bootstrap_terminations", "plain", "compile", "finetune_steps")
 
 
 def mlp(sizes):
@@ -69,21 +85,22 @@ def mlp(sizes):
 
 
 class Pearl(nn.Module):
-    """The context encoder, the z-conditioned SAC networks and the target value function."""
+    """The context encoder, the SAC networks that read the task latent (task_z in the code, to keep it apart from
+    macaw.py's weight-transform latents z), and the target value function."""
 
     def __init__(self, obs_dim, act_dim, cfg):
         super().__init__()
-        w, z = cfg.pearl_width, cfg.latent_size
-        self.encoder = mlp([obs_dim + act_dim + 1, cfg.encoder_width, cfg.encoder_width, cfg.encoder_width, 2 * z])
-        self.policy = mlp([obs_dim + z, w, w, w, 2 * act_dim])  # mean and log std of a tanh-Gaussian
-        self.q1, self.q2 = mlp([obs_dim + act_dim + z, w, w, w, 1]), mlp([obs_dim + act_dim + z, w, w, w, 1])
-        self.value = mlp([obs_dim + z, w, w, w, 1])
-        self.target_value = mlp([obs_dim + z, w, w, w, 1])
+        w, n = cfg.pearl_width, cfg.latent_size
+        self.encoder = mlp([obs_dim + act_dim + 1, cfg.encoder_width, cfg.encoder_width, cfg.encoder_width, 2 * n])
+        self.policy = mlp([obs_dim + n, w, w, w, 2 * act_dim])  # mean and log std of a tanh-Gaussian
+        self.q1, self.q2 = mlp([obs_dim + act_dim + n, w, w, w, 1]), mlp([obs_dim + act_dim + n, w, w, w, 1])
+        self.value = mlp([obs_dim + n, w, w, w, 1])
+        self.target_value = mlp([obs_dim + n, w, w, w, 1])
         self.target_value.load_state_dict(self.value.state_dict())
-        self.latent_size = z
+        self.latent_size = n
 
     def posterior(self, context):
-        """q(z | c) for each task: context (tasks, N, obs + act + 1) -> mean, variance (tasks, latent).
+        """q(task_z | context) for each task: context (tasks, N, obs + act + 1) -> mean, variance (tasks, latent).
         Each transition gives a Gaussian factor N(mu_n, s_n^2); the posterior is their product,
             1 / var = sum_n 1 / s_n^2,   mean = var * sum_n mu_n / s_n^2,
         so it does not depend on the order of the transitions, and it narrows as transitions are added."""
@@ -92,10 +109,10 @@ class Pearl(nn.Module):
         var = 1.0 / (1.0 / s2).sum(1)
         return var * (mu / s2).sum(1), var
 
-    def act(self, obs, z, deterministic=False):
-        """tanh-squashed Gaussian policy: obs (..., obs), z (..., latent) -> action in [-1, 1], log pi, mean,
+    def act(self, obs, task_z, deterministic=False):
+        """tanh-squashed Gaussian policy: obs (..., obs), task_z (..., latent) -> action in [-1, 1], log pi, mean,
         log std."""
-        mean, log_std = self.policy(torch.cat([obs, z], -1)).chunk(2, -1)
+        mean, log_std = self.policy(torch.cat([obs, task_z], -1)).chunk(2, -1)
         log_std = log_std.clamp(-20, 2)
         u = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
         logp = (torch.distributions.Normal(mean, log_std.exp()).log_prob(u)
@@ -121,12 +138,12 @@ def train_step(model, optimizers, context, batch, cfg):
     encoder_opt, policy_opt, q1_opt, q2_opt, value_opt = optimizers
     tasks, b = batch["obs"].shape[:2]
     mean, var = model.posterior(context)
-    z = (mean + var.sqrt() * torch.randn_like(mean))[:, None].expand(tasks, b, -1)  # a sample per task, (tasks, B, z)
+    task_z = (mean + var.sqrt() * torch.randn_like(mean))[:, None].expand(tasks, b, -1)  # one sample a task
     obs, actions = batch["obs"], batch["actions"]
     # critics and encoder: the encoder learns only from the critics' loss and the KL
-    q_in = torch.cat([obs, actions, z], -1)
+    q_in = torch.cat([obs, actions, task_z], -1)
     with torch.no_grad():
-        target_v = model.target_value(torch.cat([batch["next_obs"], z], -1)).squeeze(-1)
+        target_v = model.target_value(torch.cat([batch["next_obs"], task_z], -1)).squeeze(-1)
         q_target = cfg.reward_scale * batch["rewards"] + (1 - batch["terminations"]) * cfg.discount * target_v
     q_loss = sum((q(q_in).squeeze(-1) - q_target).pow(2).mean() for q in (model.q1, model.q2))
     kl = kl_to_prior(mean, var)
@@ -135,12 +152,12 @@ def train_step(model, optimizers, context, batch, cfg):
     (cfg.kl_weight * kl + q_loss).backward()
     for opt in (encoder_opt, q1_opt, q2_opt):
         opt.step()
-    # value function and policy, at the sampled z without a gradient into the encoder
-    z = z.detach()
-    new_actions, logp, pre_mean, log_std = model.act(obs, z)
-    new_q_in = torch.cat([obs, new_actions, z], -1)
+    # value function and policy, at the sampled task_z without a gradient into the encoder
+    task_z = task_z.detach()
+    new_actions, logp, pre_mean, log_std = model.act(obs, task_z)
+    new_q_in = torch.cat([obs, new_actions, task_z], -1)
     min_q = torch.min(model.q1(new_q_in), model.q2(new_q_in)).squeeze(-1)
-    v_loss = (model.value(torch.cat([obs, z], -1)).squeeze(-1) - (min_q - logp).detach()).pow(2).mean()
+    v_loss = (model.value(torch.cat([obs, task_z], -1)).squeeze(-1) - (min_q - logp).detach()).pow(2).mean()
     value_opt.zero_grad()
     v_loss.backward()
     value_opt.step()
@@ -155,12 +172,15 @@ def train_step(model, optimizers, context, batch, cfg):
 
 
 class PearlTaskData:
-    """One task's offline transitions as tensors (actions scaled to [-1, 1]), with random batches."""
+    """One task's offline transitions as tensors (actions scaled to [-1, 1]), every buffer_skip-th row as MACAW
+    keeps them, with random batches."""
 
-    def __init__(self, data, scale, device):
+    def __init__(self, data, scale, cfg):
         fields = dict(obs="observations", actions="actions", rewards="rewards", next_obs="next_observations",
                       terminations="terminations")
-        self.tensors = {k: torch.as_tensor(np.asarray(data[v], np.float32), device=device) for k, v in fields.items()}
+        device = cfg.device
+        self.tensors = {k: torch.as_tensor(np.asarray(data[v][::cfg.buffer_skip], np.float32), device=device)
+                        for k, v in fields.items()}
         self.tensors["actions"] = self.tensors["actions"] / torch.as_tensor(scale, dtype=torch.float32, device=device)
         self.size = len(self.tensors["obs"])
         self.collector_return = float(data["collector_return"])
@@ -172,8 +192,8 @@ class PearlTaskData:
 
 
 def as_context(batch):
-    """(s, a, r) of each transition, PEARL's context without s' (the tasks here differ in reward or dynamics
-    that (s, a, r) sequences reveal; PEARL's default)."""
+    """(s, a, r) of each transition: PEARL's default context, without s'. (walker-params' tasks differ in their
+    dynamics, which s' would show more directly; the context here is the same for every benchmark.)"""
     return torch.cat([batch["obs"], batch["actions"], batch["rewards"][..., None]], -1)
 
 
@@ -182,16 +202,16 @@ def stack(batches):
 
 
 def evaluate(model, bench, task_data, cfg, gen, rollouts=1):
-    """Per test task, like macaw.evaluate: `rollouts` times, infer z from a fresh context of eval_batch random
+    """Per test task, like macaw.evaluate: `rollouts` times, infer task_z from a fresh context of eval_batch random
     transitions of the task and run one deterministic episode with the posterior mean ("post"), and one with
-    the prior mean z = 0, the policy before it has seen the task ("pre")."""
+    the prior mean task_z = 0, the policy before it has seen the task ("pre")."""
     scale = bench.make_env().action_space.high
 
-    def actor(z):
+    def actor(task_z):
         def act(obs):
             with torch.no_grad():
                 o = torch.as_tensor(obs, dtype=torch.float32, device=cfg.device)[None]
-                return model.act(o, z[None], deterministic=True)[0][0].cpu().numpy() * scale
+                return model.act(o, task_z[None], deterministic=True)[0][0].cpu().numpy() * scale
         return act
     results = {}
     for k in bench.test_ids:
@@ -219,7 +239,7 @@ def train(cfg):
     macaw.check_writable(run_dir, "--out")
     macaw.check_writable(Path(cfg.data_dir) / cfg.env, "--data-dir")
     with macaw.folder_lock(run_dir, wait=False, purpose="training"), macaw.run_settings(cfg) as stop:
-        if not resume and (run_dir / "checkpoint.pt").exists():
+        if not resume and any((run_dir / n).exists() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
             raise macaw.UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}")
         return run_locked(cfg, bench, run_dir, stop, resume)
 
@@ -229,7 +249,7 @@ def run_locked(cfg, bench, run_dir, stop, resume):
     t0 = time.time()
     macaw.ensure_data(cfg, bench, stop)
     scale = bench.make_env().action_space.high
-    task_data = [PearlTaskData(macaw.load_task_data(macaw.task_data_path(cfg, k), bench, k, cfg), scale, cfg.device)
+    task_data = [PearlTaskData(macaw.load_task_data(macaw.task_data_path(cfg, k), bench, k, cfg), scale, cfg)
                  for k in range(len(bench.tasks))]
     data_time = time.time() - t0
     obs_dim, act_dim = task_data[0].tensors["obs"].shape[1], task_data[0].tensors["actions"].shape[1]
@@ -252,8 +272,9 @@ def run_locked(cfg, bench, run_dir, stop, resume):
     records = macaw.read_log(log_path, step)
     macaw.write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     macaw.write_json(run_dir / "versions.json", run_versions)
+    n_params = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("target_value"))
     print(f"offline PEARL on {cfg.env}: {len(bench.train_ids)} train / {len(bench.test_ids)} test tasks, "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters, {cfg.steps} steps -> {run_dir}/")
+          f"{n_params:,} parameters, {cfg.steps} steps -> {run_dir}/")
     data_view = {k: task_data[k] for k in range(len(bench.tasks))}
     bar = tqdm(total=cfg.steps, initial=step, desc="pearl", mininterval=1, dynamic_ncols=True)
     t_start, interval_start = time.time() - wall_time, time.time()
@@ -282,7 +303,7 @@ def run_locked(cfg, bench, run_dir, stop, resume):
                                                        for k, v in record["eval"].items()))
                 macaw.save_checkpoint(ckpt_path, model, optimizers, gen, step, time.time() - t_start, running, cfg)
                 macaw.atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
-                macaw.plot_run(records, data_view, bench, run_dir / "curves.png")
+                macaw.plot_run(records, data_view, bench, run_dir / "curves.png", ("q", "value", "policy", "kl"))
                 interval_start = time.time()
     finally:
         bar.close()

@@ -396,10 +396,28 @@ def test_a_replaced_section_6_function_stops_the_fast_forms_with_the_fix(tmp_pat
     flags = ["--env", "point-robot", "--steps", "2", "--eval-every", "2", "--net-width", "8", "--latent-dim", "4",
              "--final-eval-rollouts", "1", "--eval-rollouts", "1", "--data-dir", str(tmp_path / "data"),
              "--out", str(tmp_path / "runs")]
-    with pytest.raises(macaw.UserError, match=f"macaw.{name} was replaced.*--plain"):
+    with pytest.raises(macaw.UserError, match="section 6 of macaw.py was edited.*--plain"):
         macaw.train(macaw.parse_config(flags))
     macaw.train(macaw.parse_config(flags + ["--plain", "--run-name", "plain"]))
     assert calls
+
+
+def test_an_edit_of_section_6_in_the_file_stops_a_default_run_and_runs_with_plain(tmp_path):
+    """An edit made in the file (not swapped in) is caught too: section 10 mirrors section 6 as recorded in
+    SECTION_6_SOURCE, which this test also holds to the file as it is."""
+    assert macaw.section_6_source() == macaw.SECTION_6_SOURCE, \
+        "section 6 changed: check that section 10 still mirrors it, then set SECTION_6_SOURCE to the new fingerprint"
+    edited = (HERE / "macaw.py").read_text().replace(
+        '    adapted_v = sgd_step(vparams, v_grads, model.raw_value_lrs)  # phi\' = phi - alpha_V * grad',
+        '    adapted_v = sgd_step(vparams, v_grads, model.raw_value_lrs)  # phi\' = phi - alpha_V * grad (edited)')
+    assert "(edited)" in edited
+    (tmp_path / "macaw.py").write_text(edited)
+    flags = [*TINY, "--steps", "2", "--eval-every", "2", "--data-dir", str(tmp_path / "data")]
+    run = lambda *extra: subprocess.run([sys.executable, str(tmp_path / "macaw.py"), *flags, *extra], cwd=tmp_path,
+                                        capture_output=True, text=True, timeout=600)
+    default = run()
+    assert default.returncode == 2 and "--plain" in default.stderr.strip().splitlines()[-1]
+    assert run("--plain").returncode == 0
 
 
 def test_meta_training_changes_step_sizes_and_memory_stays_flat():

@@ -1,6 +1,7 @@
 """The paper's comparisons, re-run: MACAW against its baselines (study 1) and its ablations (study 2).
 
-    python studies/compare_methods.py main          # macaw, meta-bc, mt-awr, offline PEARL (cheetah-dir, -vel)
+    python studies/compare_methods.py main          # macaw, meta-bc, mt-awr on cheetah-dir and cheetah-vel
+    python studies/compare_methods.py main --variants macaw meta-bc mt-awr pearl --steps 15000   # with PEARL
     python studies/compare_methods.py ablation      # macaw, no advantage head, no weight transform
     python studies/compare_methods.py ablation --variants no-weight-transform-wide --envs cheetah-dir \
         --seeds 1 --steps 1500 --name ablation_wide  # plain layers with MACAW's parameter count (slow)
@@ -58,7 +59,7 @@ VARIANTS = {  # name -> the Config changes that make it
     "no-weight-transform": dict(weight_transform=False),
     "no-weight-transform-wide": dict(weight_transform=False, net_width="wide"),
 }
-STUDIES = {"main": ("macaw", "meta-bc", "mt-awr", "pearl"),
+STUDIES = {"main": ("macaw", "meta-bc", "mt-awr"),  # and offline PEARL with --variants ... pearl
            "ablation": ("macaw", "no-adv-head", "no-weight-transform")}
 # no-weight-transform-wide (plain layers with MACAW's parameter count) is asked for by name: its meta-step
 # was ~16x slower per step than MACAW's here on a CPU (full-rank 1094 x 1094 inner updates per task), so 3 seeds x 2
