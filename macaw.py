@@ -230,15 +230,17 @@ def flag_name(field_name):
     return "--" + field_name.replace("_", "-")
 
 
-def parse_config(argv=None, config=Config, description="MACAW: offline meta-RL with advantage weighting"):
-    """Build the CLI from the fields of `config`: --field-name, or --no-field for booleans that default on."""
+def parse_config(argv=None, config=Config, description="MACAW: offline meta-RL with advantage weighting", hide=()):
+    """The CLI from `config`'s fields: --field-name, or --no-field for booleans on by default; hide: fields left out."""
     parser = argparse.ArgumentParser(description=description)
     for f in dataclasses.fields(config):
         flag = flag_name(f.name)
+        if f.name in hide:
+            continue  # (it keeps its default)
         if f.type is bool or f.type == "bool":
             if f.default:
                 parser.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
-                                    help=f.metadata["help"])
+                                    help=f"turns off, on by default: {f.metadata['help']}")
             else:
                 parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
         else:
@@ -260,8 +262,7 @@ def mujoco_warning(message):
 
 @contextlib.contextmanager
 def mujoco_warnings():
-    """mujoco_warning as MuJoCo's (process-wide) warning handler while a run or a data worker lasts, then the
-    previous one again: importing this file changes nothing in the importing process."""
+    """mujoco_warning as MuJoCo's (process-wide) warning handler while a run or data worker lasts, then the old one."""
     previous = mujoco.get_mju_user_warning() if mujoco else None
     if mujoco:
         mujoco.set_mju_user_warning(mujoco_warning)
@@ -827,8 +828,8 @@ def meta_losses(model, batches, cfg):
 
 # The multi-task baseline (--method mt-awr; Meta-BC is the meta-bc branches above). One value function
 # and one policy over all training tasks, each observation carrying its task's one-hot id (task_code), trained
-# with the same losses as MACAW's outer loop but without any inner step; at test time the id is zeroed and
-# the weights are fine-tuned on the test batch with a few Adam steps.
+# with the same losses as MACAW's outer loop but without any inner step; at test time a held-out task's id is
+# zeros, and the weights are fine-tuned on the test batch with a few Adam steps.
 def multitask_losses(model, vparams, pparams, batch, cfg):
     """One task's MT-AWR losses: V regresses R_t + gamma^(H-t) V(s_H) (the tail from V itself, no gradient
     through it), the policy takes plain AWR (3) with advantages (2) from V."""
@@ -1335,8 +1336,7 @@ def atomic_write(path, write, keep_previous=False):
 
 
 def atomic_torch_save(path, obj, keep_previous=False):
-    """torch.save through atomic_write; serialised in memory first, so a failing disk shows up as a
-    plain OSError (and so as WriteError) rather than inside torch's zip writer."""
+    """torch.save through atomic_write, serialised in memory first: a failing disk is a WriteError, not a zip error."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()), keep_previous=keep_previous)
@@ -1526,8 +1526,7 @@ def print_summary(summary):
 
 
 def load_resume_config(cfg):
-    """--resume <run dir>: the saved config wins, except --steps (to extend a run) and --resume.
-    Any other flag given with --resume is ignored, and this says which."""
+    """--resume <run dir>: the saved config wins, except --steps and --resume; it names any other flag it ignores."""
     run_dir = Path(cfg.resume)
     if not any((run_dir / name).exists() for name in ("checkpoint.pt", "checkpoint.prev.pt")):
         raise UserError(f"--resume {run_dir}: no checkpoint.pt there; pass a run folder such as runs/<run-name>")
@@ -1591,6 +1590,8 @@ def train(cfg):
         cfg = load_resume_config(cfg)
     bench = get_benchmark(cfg.env)
     cfg = cfg.resolve(bench)
+    if not cfg.plain:
+        check_section_6()  # before any data are made
     run_dir = Path(cfg.out) / cfg.run_name
     check_writable(run_dir, "--out")
     check_writable(Path(cfg.data_dir) / cfg.env, "--data-dir")
@@ -1944,24 +1945,28 @@ def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor"):
     return torch.compile(grad(differentiated, has_aux=True), backend=backend)
 
 
-SECTION_6 = ("sgd_step", "adapt", "outer_losses", "task_meta_losses", "meta_losses", "meta_objective",
-             "meta_train_step")
-SECTION_6_SOURCE = "aebf2364b2b264ad"  # section_6_source() of the section 6 that section 10 mirrors; a test checks it
-
-
-def section_6_source():
-    """A fingerprint of section 6's code as it now runs: the source of its functions (None if unreadable)."""
-    try:
-        return hashlib.sha256("".join(inspect.getsource(globals()[n]) for n in SECTION_6).encode()).hexdigest()[:16]
-    except (OSError, TypeError):  # e.g. a function defined in a notebook cell
-        return None
+SECTION_6 = ("sgd_step", "adapt", "outer_losses", "task_meta_losses", "meta_losses", "make_optimizers",
+             "meta_objective", "meta_train_step")
+SECTION_6_SOURCE = "f944f1c08115c49e"  # check_section_6's fingerprint of the section 6 that section 10 mirrors
 
 
 def fast_optimizers(model, cfg):
     """make_optimizers with fused Adam: the same update in one kernel per group, where torch has one."""
     fused = model.raw_adv_coef.device.type in ("cpu", "cuda")
-    return [torch.optim.Adam(opt.param_groups[0]["params"], lr=opt.param_groups[0]["lr"], fused=fused)
+    return [torch.optim.Adam([dict(params=g["params"], lr=g["lr"]) for g in opt.param_groups], fused=fused)
             for opt in make_optimizers(model, cfg)]
+
+
+def check_section_6():
+    """Stop, naming the fix, if section 6 is not the code section 10 mirrors (an edit the faster forms would ignore):
+    a fingerprint of its functions' source (unreadable, e.g. defined in a notebook cell, counts as changed)."""
+    try:
+        source = hashlib.sha256("".join(inspect.getsource(globals()[n]) for n in SECTION_6).encode()).hexdigest()[:16]
+    except (OSError, TypeError):
+        source = None
+    if source != SECTION_6_SOURCE:
+        raise UserError(f"section 6 of macaw.py was edited (or a function of it replaced; fingerprint {source}), and "
+                        f"section 10's faster forms would not run the edit; meta-train with --plain (cfg.plain=True)")
 
 
 def meta_step_function(model, n_train_tasks, cfg):
@@ -1972,9 +1977,7 @@ def meta_step_function(model, n_train_tasks, cfg):
     if cfg.plain:
         optimizers = make_optimizers(model, cfg)
         return optimizers, lambda batches: meta_train_step(model, optimizers, batches, n_train_tasks, cfg)
-    if section_6_source() != SECTION_6_SOURCE:
-        raise UserError("section 6 of macaw.py was edited (or one of its functions replaced), and the faster forms "
-                        "of section 10 would not run the edit; meta-train with --plain (cfg.plain = True)")
+    check_section_6()
     optimizers = fast_optimizers(model, cfg)
     gradient = compiled_meta_gradient(model, n_train_tasks, cfg) if cfg.compile else None
     return optimizers, lambda batches: fast_meta_train_step(model, optimizers, batches, n_train_tasks, cfg, True,

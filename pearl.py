@@ -6,10 +6,10 @@
     python pearl.py --env cheetah-vel        # the same offline data as `python macaw.py --env cheetah-vel`
 
 PEARL (Rakelly, Zhou, Quillen, Finn, Levine, ICML 2019) infers a task from a few of its transitions instead
-of taking a gradient step on them. A context encoder q(z | c) maps each transition (s, a, r) of a task's
-context c to a Gaussian factor; their product is the posterior over a 5-d task latent z (a permutation-
-invariant function of the context), pulled towards N(0, I) by a KL term. A soft actor-critic whose policy,
-twin critics and value function all read z is trained on the task's transitions; the encoder learns only
+of taking a gradient step on them. A context encoder q(task_z | context) maps each transition (s, a, r) of a
+task's context to a Gaussian factor; their product is the posterior over a 5-d task latent task_z (a
+permutation-invariant function of the context), pulled towards N(0, I) by a KL term. A soft actor-critic whose
+policy, twin critics and value function all read task_z is trained on the task's transitions; the encoder learns only
 through the critics' loss (and the KL). Offline, as the MACAW paper ran it: context batches and RL batches
 are both drawn from each training task's offline data, nothing is collected, and at test time the context
 is the same 256 random transitions of a held-out task that MACAW adapts on (no online steps).
@@ -319,7 +319,7 @@ def run_locked(cfg, bench, run_dir, stop, resume):
 
 
 def parse_config(argv=None):
-    return macaw.parse_config(argv, PearlConfig, "offline PEARL, a baseline for MACAW (pearl.py)")
+    return macaw.parse_config(argv, PearlConfig, "offline PEARL, a baseline for MACAW (pearl.py)", hide=MACAW_ONLY)
 
 
 def main(argv=None):

@@ -145,14 +145,21 @@ def comparison_table(name):
 
 
 def full_budget_table():
+    """Every full-budget run of each method on cheetah-dir and cheetah-vel: mean ± std over the seeds there are."""
     rows = []
     for env in ("cheetah-dir", "cheetah-vel"):
-        for method, name in (("macaw", "seed1"), ("meta-bc", "meta-bc-seed1"), ("mt-awr", "mt-awr-seed1")):
-            s = load(RESULTS / env / f"{name}.json")
-            rows.append([env, method, s["steps"], f"{task_mean(s, 'pre_return'):.0f}", f"{s['mean_post_return']:.0f}",
-                         f"{s['mean_normalized']:.2f}", f"{s['share_half']:.0%}", f"{s['wall_time_s'] / 60:.1f}"])
-    return table(["benchmark", "method", "meta-steps", "pre-adaptation", "adapted", "normalised", "adaptations ≥ 0.5",
-                  "minutes"], rows)
+        for method in ("macaw", "meta-bc", "mt-awr", "pearl"):
+            runs = seed_summaries(env, "seed" if method == "macaw" else f"{method}-seed")
+            if not runs:
+                continue
+            post = [s["mean_post_return"] for s in runs]
+            rows.append([env, method, runs[0]["steps"], len(runs), pm([task_mean(s, "pre_return") for s in runs]),
+                         f"{pm(post)} ({' / '.join(f'{p:.0f}' for p in post)})",
+                         pm([s["mean_normalized"] for s in runs], "{:.2f}"),
+                         f"{np.mean([s['share_half'] for s in runs]):.0%}",
+                         f"{np.mean([s['wall_time_s'] for s in runs]) / 60:.1f}"])
+    return table(["benchmark", "method", "meta-steps", "seeds", "pre-adaptation", "adapted (per seed)", "normalised",
+                  "adaptations ≥ 0.5", "minutes per run"], rows)
 
 
 def probe_cell(rows, **where):
@@ -242,6 +249,7 @@ TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": u
           "speed epyc": lambda: speed_table("meta_step_epyc.json"),
           "speed xeon": lambda: speed_table("meta_step_xeon.json", ("plain", "vmap", "merged", "compiled")),
           "speed h100": lambda: speed_table("meta_step_h100.json"),
+          "speed h100-compiled": lambda: speed_table("meta_step_h100_compiled.json"),
           "memory": lambda: memory_table("meta_step_epyc.json"), "authors": authors_table,
           "collector-designs": collector_designs_table}
 START, END = "<!-- table ", "<!-- end table -->"
