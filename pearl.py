@@ -275,7 +275,6 @@ def run_locked(cfg, bench, run_dir, stop, resume):
     n_params = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("target_value"))
     print(f"offline PEARL on {cfg.env}: {len(bench.train_ids)} train / {len(bench.test_ids)} test tasks, "
           f"{n_params:,} parameters, {cfg.steps} steps -> {run_dir}/")
-    data_view = {k: task_data[k] for k in range(len(bench.tasks))}
     bar = tqdm(total=cfg.steps, initial=step, desc="pearl", mininterval=1, dynamic_ncols=True)
     t_start, interval_start = time.time() - wall_time, time.time()
     try:
@@ -295,7 +294,7 @@ def run_locked(cfg, bench, run_dir, stop, resume):
                 record = dict(step=step, time=round(time.time() - t_start, 1),
                               **{k: float(np.mean([r[k] for r in running])) for k in running[0]})
                 record["steps_per_s"] = round(len(running) / (time.time() - interval_start), 2)
-                record["eval"] = {str(k): v for k, v in evaluate(model, bench, data_view, cfg, gen,
+                record["eval"] = {str(k): v for k, v in evaluate(model, bench, task_data, cfg, gen,
                                                                  cfg.eval_rollouts).items()}
                 running = []
                 records.append(record)
@@ -303,15 +302,15 @@ def run_locked(cfg, bench, run_dir, stop, resume):
                                                        for k, v in record["eval"].items()))
                 macaw.save_checkpoint(ckpt_path, model, optimizers, gen, step, time.time() - t_start, running, cfg)
                 macaw.atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
-                macaw.plot_run(records, data_view, bench, run_dir / "curves.png", ("q", "value", "policy", "kl"))
+                macaw.plot_run(records, task_data, bench, run_dir / "curves.png", ("q", "value", "policy", "kl"))
                 interval_start = time.time()
     finally:
         bar.close()
     if stop:
         macaw.save_checkpoint(ckpt_path, model, optimizers, gen, step, time.time() - t_start, running, cfg)
         raise macaw.Interrupted(f"{stop[0]}: stopped at step {step}; continue with python pearl.py --resume {run_dir}")
-    final = evaluate(model, bench, data_view, cfg, gen, rollouts=cfg.final_eval_rollouts)
-    summary = macaw.summarize(cfg, bench, data_view, final, time.time() - t_start, data_time, run_versions)
+    final = evaluate(model, bench, task_data, cfg, gen, rollouts=cfg.final_eval_rollouts)
+    summary = macaw.summarize(cfg, bench, task_data, final, time.time() - t_start, data_time, run_versions)
     summary["command"] = summary["command"].replace("python macaw.py", "python pearl.py").replace(" --method pearl", "")
     macaw.write_json(summary_path, summary)
     macaw.print_summary(summary)
