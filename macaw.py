@@ -6,7 +6,7 @@
 Offline meta-RL (Mitchell, Rafailov, Peng, Levine, Finn, ICML 2021, arXiv 2008.06043): meta-train on
 fixed offline data from many tasks, then adapt to a new task from 256 of its own offline transitions
 with ONE gradient step on a value function and ONE on a policy. Both inner and outer objectives are
-supervised regressions: Monte-Carlo value regression and advantage-weighted regression (AWR).
+supervised regressions: value regression onto Monte-Carlo returns and advantage-weighted regression (AWR).
 
     pip install -r requirements.txt
     python macaw.py --env point-robot        # a 2-D toy task (under a minute on one CPU core)
