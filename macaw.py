@@ -11,6 +11,7 @@ supervised regressions: value regression onto Monte-Carlo returns and advantage-
     pip install -r requirements.txt
     python macaw.py --env point-robot        # a 2-D toy task (under a minute on one CPU core)
     python macaw.py --env cheetah-dir        # makes the offline data once, meta-trains, evaluates
+    torchrun --nproc-per-node 2 macaw.py --env cheetah-dir   # the same over 2 processes (section 9)
     python -m pytest                         # the tests (and the tutorial notebook)
 
 How to read this file
@@ -80,6 +81,7 @@ Why each design choice (one line each)
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import inspect
 import io
@@ -101,6 +103,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
@@ -1250,13 +1253,20 @@ def ensure_data(cfg, bench, stop=()):
     folder.mkdir(parents=True, exist_ok=True)
     if not cfg.regenerate_data and not missing_tasks(cfg, bench):
         return
-    with folder_lock(folder, wait=True, purpose=f"generating the {cfg.env} data in {folder}/"):
-        if cfg.regenerate_data:
+    rank, world = process_share()  # under torchrun, process 0 holds the lock and each makes a share of the tasks
+    wait = dist.barrier if world > 1 else lambda: None
+    lock = folder_lock(folder, wait=True, purpose=f"generating the {cfg.env} data in {folder}/")
+    with lock if rank == 0 else contextlib.nullcontext():
+        if cfg.regenerate_data and rank == 0:
             for p in [*folder.glob("task*.npz"), *folder.glob("collector-*.pt")]:
                 p.unlink()
+        wait()
         missing = missing_tasks(cfg, bench)  # another run may have made them while we waited
-        if missing:
-            generate_tasks(cfg, bench, missing, stop)
+        wait()
+        mine = np.array_split(np.array(missing, dtype=int), world)[rank].tolist()
+        if mine:
+            generate_tasks(cfg, bench, mine, stop)
+        wait()
 
 
 def generate_tasks(cfg, bench, task_ids, stop=()):
@@ -1273,7 +1283,8 @@ def generate_tasks(cfg, bench, task_ids, stop=()):
             write_task_data(bench, k, env, collect_scripted(env, cfg.collector_steps, seed), seed,
                             task_data_path(cfg, k))
         return
-    groups = [g.tolist() for g in np.array_split(task_ids, min(os.cpu_count() or 1, len(task_ids)))]
+    cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # (torchrun: per process)
+    groups = [g.tolist() for g in np.array_split(task_ids, min(cores, len(task_ids)))]
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=collect_group, daemon=True,
                                args=(cfg.env, group, cfg.collector_steps, task_seed(cfg, group[0]),
@@ -1583,6 +1594,64 @@ def run_settings(cfg):
             signal.signal(s, handler)
 
 
+# torchrun: `torchrun --nproc-per-node N macaw.py ...` is one run over N processes (and --nnodes machines, the
+# data and run folders on a shared file system). Every process samples the same meta-batch from the same
+# generator and takes its share of the tasks; J is a sum over tasks, so the meta-gradient is the SUM of the
+# processes' gradients: one all-reduce of them all, just before the optimisers step, keeps every process's
+# parameters and Adam state identical. Evaluation splits the test tasks and data generation the missing tasks;
+# process 0 alone writes files. `python macaw.py` is one process and runs none of this.
+def process_share():
+    """(this process's rank, the number of processes): (0, 1) unless started by torchrun."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def join_processes(cfg):
+    """Under torchrun, join the process group once (gloo on CPU, NCCL on CUDA; generous timeout: a process may wait
+    for the others' data)."""
+    if process_share()[1] > 1 and not dist.is_initialized():
+        if cfg.device.startswith("cuda"):
+            cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(cfg.device)
+        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo",
+                                timeout=datetime.timedelta(hours=6))
+
+
+def sum_gradients_over_processes(model, optimizers):
+    """Before the first optimiser steps, replace every gradient by its sum over the processes: one all-reduce of
+    all of them, flattened. (A tensor without a gradient has none in every process: it is left out, as Adam
+    leaves it.)"""
+    def all_reduce(optimizer, args, kwargs):
+        params = [p for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat)
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+    optimizers[0].register_step_pre_hook(all_reduce)
+
+
+def mean_over_processes(losses, n_tasks):
+    """The meta-batch's mean of each logged loss from each process's mean over its n_tasks tasks."""
+    names = sorted(losses)
+    total = torch.tensor([n_tasks * losses[k] for k in names] + [n_tasks], dtype=torch.float64)
+    dist.all_reduce(total)
+    return {k: float(v) for k, v in zip(names, total[:-1] / total[-1])}
+
+
+def evaluate_over_processes(model, bench, task_data, cfg, gen, rollouts):
+    """evaluate, each process on its share of the test tasks, all processes getting every result; then the
+    generator is process 0's again, so that every process keeps drawing the same meta-batches."""
+    rank, world = process_share()
+    mine = evaluate(model, dataclasses.replace(bench, test_ids=bench.test_ids[rank::world]), task_data, cfg, gen,
+                    rollouts)
+    shares, state, results = [None] * world, [gen.get_state()], {}
+    dist.all_gather_object(shares, mine)
+    dist.broadcast_object_list(state, src=0)
+    gen.set_state(state[0])
+    for share in shares:
+        results.update(share)
+    return {k: results[k] for k in bench.test_ids}
+
+
 def train(cfg):
     """Run MACAW end to end; returns the summary dict (also in <run>/summary.json). Raises UserError (one line)
     for anything the user can fix; holds the run folder's lock throughout."""
@@ -1592,10 +1661,12 @@ def train(cfg):
     cfg = cfg.resolve(bench)
     if not cfg.plain:
         check_section_6()  # before any data are made
+    join_processes(cfg)
     run_dir = Path(cfg.out) / cfg.run_name
     check_writable(run_dir, "--out")
     check_writable(Path(cfg.data_dir) / cfg.env, "--data-dir")
-    with folder_lock(run_dir, wait=False, purpose="training"), run_settings(cfg) as stop:
+    lock = folder_lock(run_dir, wait=False, purpose="training") if process_share()[0] == 0 else contextlib.nullcontext()
+    with lock, run_settings(cfg) as stop:
         if not cfg.resume and any((run_dir / n).exists() for n in ("checkpoint.pt", "checkpoint.prev.pt")):
             raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
                             f"or pass another --run-name (or delete the folder)")
@@ -1614,6 +1685,12 @@ def run_locked(cfg, bench, run_dir, stop):
     obs_dim, act_dim = task_data[0].tensors["obs"].shape[1], task_data[0].tensors["actions"].shape[1]
     model = MACAW(obs_dim, act_dim, cfg).to(cfg.device)  # obs_dim includes mt-awr's task id
     optimizers, meta_step = meta_step_function(model, len(bench.train_ids), cfg)  # section 6's forms or 10's
+    rank, world = process_share()  # (0, 1) but under torchrun
+    if world > 1:
+        if min(cfg.meta_batch, len(bench.train_ids)) < world:
+            raise UserError(f"{world} processes share a meta-batch of {min(cfg.meta_batch, len(bench.train_ids))} "
+                            f"tasks; use at most that many processes, or a larger --meta-batch")
+        sum_gradients_over_processes(model, optimizers)
     gen = torch.Generator().manual_seed(cfg.seed)  # all batch sampling draws from this
     step, wall_time, running = 0, 0.0, []
     ckpt_path, log_path, summary_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl", run_dir / "summary.json"
@@ -1629,28 +1706,34 @@ def run_locked(cfg, bench, run_dir, stop):
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step, wall_time, running = state["step"], state["wall_time"], state["running"]
-        print(f"Resuming {run_dir} at step {step}")
+        if rank == 0:
+            print(f"Resuming {run_dir} at step {step}")
     records = read_log(log_path, step)
-    write_json(run_dir / "config.json", dataclasses.asdict(cfg))
-    write_json(run_dir / "versions.json", run_versions)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{cfg.method} on {cfg.env}: {len(bench.train_ids)} train / {len(bench.test_ids)} test tasks, "
-          f"{n_params:,} meta-parameters, {cfg.steps} steps -> {run_dir}/")
+    if rank == 0:
+        write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+        write_json(run_dir / "versions.json", run_versions)
+        print(f"{cfg.method} on {cfg.env}: {len(bench.train_ids)} train / {len(bench.test_ids)} test tasks, "
+              f"{n_params:,} meta-parameters, {cfg.steps} steps -> {run_dir}/" + (f" ({world} processes)" if world > 1
+                                                                                   else ""))
+    evaluation = evaluate_over_processes if world > 1 else evaluate
 
     def checkpoint():  # checkpoint first: a log never runs ahead of the checkpoint it belongs to
+        if rank > 0:
+            return
         save_checkpoint(ckpt_path, model, optimizers, gen, step, time.time() - t_start, running, cfg)
         atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
     # Ctrl-C / SIGTERM only append to `stop` (run_settings), checked between meta-steps: no half-step checkpoint.
     if cfg.compile:
         print("--compile: the first meta-step compiles the meta-gradient (a minute or two)")
-    bar = tqdm(total=cfg.steps, initial=step, desc="meta-train", mininterval=1, dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=step, desc="meta-train", mininterval=1, dynamic_ncols=True, disable=rank > 0)
     t_start, interval_start, first_step = time.time() - wall_time, time.time(), step
     try:
         while step < cfg.steps and not stop:
             batches = sample_meta_batch(task_data, bench.train_ids, cfg, gen)
             try:
-                stats = meta_step(batches)
+                stats = meta_step(batches[rank::world])  # (every task, but under torchrun)
             except NonFiniteError as e:
                 raise UserError(f"non-finite loss at step {step + 1} ({e}); the last good checkpoint is "
                                 f"{ckpt_path} (step {records[-1]['step'] if records else 0})") from None
@@ -1665,17 +1748,20 @@ def run_locked(cfg, bench, run_dir, stop):
             bar.update(1)
             bar.set_postfix(v=f"{stats['outer_value']:.3g}", pi=f"{stats['outer_policy']:.3g}", refresh=False)
             if step % cfg.eval_every == 0 or step == cfg.steps:
-                record = dict(step=step, time=round(time.time() - t_start, 1),
-                              **{k: float(np.mean([r[k] for r in running])) for k in running[0]})
+                losses = {k: float(np.mean([r[k] for r in running])) for k in running[0]}
+                if world > 1:
+                    losses = mean_over_processes(losses, len(batches[rank::world]))
+                record = dict(step=step, time=round(time.time() - t_start, 1), **losses)
                 record["steps_per_s"] = round(len(running) / (time.time() - interval_start), 2)
-                results = evaluate(model, bench, task_data, cfg, gen, cfg.eval_rollouts)
+                results = evaluation(model, bench, task_data, cfg, gen, cfg.eval_rollouts)
                 record["eval"] = {str(k): v for k, v in results.items()}
                 running = []
                 records.append(record)
-                bar.write(f"step {step}: " + "  ".join(
-                    f"task {k} pre {v['pre']:.0f} post {v['post']:.0f}" for k, v in record["eval"].items()))
-                checkpoint()
-                plot_run(records, task_data, bench, run_dir / "curves.png")
+                if rank == 0:
+                    bar.write(f"step {step}: " + "  ".join(
+                        f"task {k} pre {v['pre']:.0f} post {v['post']:.0f}" for k, v in record["eval"].items()))
+                    checkpoint()
+                    plot_run(records, task_data, bench, run_dir / "curves.png")
                 interval_start = time.time()
     finally:
         bar.close()
@@ -1683,12 +1769,13 @@ def run_locked(cfg, bench, run_dir, stop):
         checkpoint()
         raise Interrupted(f"{stop[0]}: stopped at step {step}; saved {ckpt_path}; continue with "
                           f"python macaw.py --resume {run_dir}")
-    final = evaluate(model, bench, task_data, cfg, gen, rollouts=cfg.final_eval_rollouts)
+    final = evaluation(model, bench, task_data, cfg, gen, rollouts=cfg.final_eval_rollouts)
     wall_time = time.time() - t_start
     summary = summarize(cfg, bench, task_data, final, wall_time, data_time, run_versions)
-    write_json(summary_path, summary)
-    print_summary(summary)
-    print(f"Wrote {run_dir}/: config.json, log.jsonl, checkpoint.pt, curves.png, summary.json")
+    if rank == 0:
+        write_json(summary_path, summary)
+        print_summary(summary)
+        print(f"Wrote {run_dir}/: config.json, log.jsonl, checkpoint.pt, curves.png, summary.json")
     return summary
 
 
@@ -1702,6 +1789,13 @@ def main(argv=None):
     except UserError as e:
         print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
         return 130 if isinstance(e, Interrupted) else 2
+    except dist.DistError as e:  # torchrun: another process stopped (and torchrun stops this one)
+        print(f"error: another process of this torchrun run stopped ({type(e).__name__}); the run folder holds "
+              f"process 0's last checkpoint", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 # ================================================================================================
@@ -1932,17 +2026,18 @@ class MetaObjective(nn.Module):
         return fast_meta_objective(self.model, batches, self.n_train_tasks, self.cfg, merge=False)
 
 
-def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor"):
+def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor", mode=None):
     """--compile: (meta-parameters, batches) -> (dJ/dparams, (J, losses)) as ONE pure function, compiled with
     torch.compile. The same numbers as backward() up to float rounding, faster after up to a minute or two of compiling
     (docs/speed.md); never needed for correctness. torch.compile cannot trace autograd's double backward,
-    which backward() uses, so J is differentiated with torch.func.grad instead."""
+    which backward() uses, so J is differentiated with torch.func.grad instead. mode="reduce-overhead" adds CUDA
+    graphs on a GPU (speed/meta_step.py's "graphs" form)."""
     objective = MetaObjective(model, n_train_tasks, cfg)
 
     def differentiated(params, batches):
         total, stats = functional_call(objective, {"model." + k: p for k, p in params.items()}, (batches,))
         return total, (total.detach(), stats)  # (what grad differentiates, what it passes through)
-    return torch.compile(grad(differentiated, has_aux=True), backend=backend)
+    return torch.compile(grad(differentiated, has_aux=True), backend=backend, mode=mode)
 
 
 SECTION_6 = ("sgd_step", "adapt", "outer_losses", "task_meta_losses", "meta_losses", "make_optimizers",

@@ -232,6 +232,8 @@ def train(cfg):
     (--resume), locks and writes its files as macaw.train does."""
     if cfg.resume:
         cfg = macaw.load_resume_config(cfg)
+    if macaw.process_share()[1] > 1:
+        raise macaw.UserError("pearl.py runs in one process: start it with python, not torchrun")
     bench = macaw.get_benchmark(cfg.env)
     resume = cfg.resume
     cfg = cfg.resolve(bench)

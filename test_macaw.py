@@ -1474,3 +1474,104 @@ def test_pearl_runs_through_its_command_line_and_resumes(tmp_path):
     assert summary["method"] == "pearl" and summary["steps"] == 4 and summary["command"].startswith("python pearl.py")
     assert all(len(t["post_returns"]) == 2 for t in summary["tasks"].values())
     assert [r["step"] for r in macaw.read_log(folder / "log.jsonl", 4)] == [2, 4]
+
+
+# ------------------------------------------------------------------------------------------------
+# torchrun: one run over several processes (section 9).
+# ------------------------------------------------------------------------------------------------
+def torchrun(*args, cwd, nproc=2, **popen):
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    if popen:
+        return subprocess.Popen(command, cwd=cwd, env=env, text=True, **popen)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+ONE_STEP = """
+import sys, torch, macaw
+from test_macaw import small_config, random_batch
+torch.set_default_dtype(torch.float64)  # so that float rounding (the order of the sum) is far below the check
+rank, world = macaw.process_share()
+for form in ("default", "plain"):
+    cfg = small_config(plain=form == "plain")
+    macaw.join_processes(cfg)
+    torch.manual_seed(0)
+    model = macaw.MACAW(5, 2, cfg)
+    optimizers, meta_step = macaw.meta_step_function(model, 8, cfg)
+    if world > 1:
+        macaw.sum_gradients_over_processes(model, optimizers)
+    batches = [(random_batch(32, seed=2 * t), random_batch(32, seed=2 * t + 1)) for t in range(5)]
+    meta_step(batches[rank::world])
+    torch.save(dict(params={k: p.detach() for k, p in model.named_parameters()},
+                    grads={k: p.grad for k, p in model.named_parameters() if p.grad is not None}),
+               f"{sys.argv[1]}/{form}-rank{rank}.pt")
+"""
+
+
+def test_two_processes_take_the_same_meta_step_as_one(tmp_path):
+    """2 gloo processes, each with its share of a meta-batch's 5 tasks, end the step (default and --plain) with
+    the meta-gradient and the parameters of one process over all 5 (in float64: float32 rounding moves Adam's
+    first step by ~1e-6 where a gradient is near its eps)."""
+    script = tmp_path / "one_step.py"
+    script.write_text(ONE_STEP)
+    (tmp_path / "one").mkdir()
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "one")], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(HERE)), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    result = torchrun(str(script), str(tmp_path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for form in ("default", "plain"):
+        one = torch.load(tmp_path / "one" / f"{form}-rank0.pt")
+        for rank in (0, 1):
+            shared = torch.load(tmp_path / f"{form}-rank{rank}.pt")
+            assert shared["grads"].keys() == one["grads"].keys()
+            for name, g in one["grads"].items():
+                assert (shared["grads"][name] - g).abs().max().item() <= 1e-6 * max(1.0, g.abs().max().item()), name
+            for name, p in one["params"].items():
+                assert (shared["params"][name] - p).abs().max().item() <= 1e-6, (form, name)
+
+
+def test_a_tiny_torchrun_run_writes_one_set_of_files(tmp_path):
+    result = torchrun(str(HERE / "macaw.py"), *TINY, "--steps", "4", "--eval-every", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "point-robot-seed1"
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [".lock", "checkpoint.pt", "checkpoint.prev.pt", "config.json", "curves.png", "log.jsonl", "summary.json",
+         "versions.json"])
+    assert [r["step"] for r in read_log_without_timing(run / "log.jsonl")] == [2, 4]
+    assert result.stdout.count("Wrote ") == 1 and "(2 processes)" in result.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert sorted(summary["tasks"], key=int) == ["20", "21", "22", "23", "24"]  # every test task, from both processes
+    assert len(list((tmp_path / "data" / "point-robot").glob("task*.npz"))) == 25  # each task's data made once
+    single = run_cli(*TINY, "--steps", "1", "--run-name", "single", "--data-dir", "single-data", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    for k in (0, 24):  # the same data as one process makes
+        with np.load(tmp_path / "data" / "point-robot" / f"task{k}.npz") as a, \
+                np.load(tmp_path / "single-data" / "point-robot" / f"task{k}.npz") as b:
+            assert np.array_equal(a["observations"], b["observations"])
+
+
+@pytest.mark.skipif(not Path("/proc").exists(), reason="reads the process table from /proc")
+def test_killing_one_process_stops_the_others_with_one_line(tmp_path):
+    import signal
+    import time
+    proc = torchrun(str(HERE / "macaw.py"), *TINY, "--steps", "100000", "--eval-every", "50", cwd=tmp_path,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        def rank_one():
+            for environ in Path("/proc").glob("[0-9]*/environ"):
+                try:
+                    if b"\0RANK=1\0" in b"\0" + environ.read_bytes() and b"macaw.py" in (
+                            environ.parent / "cmdline").read_bytes():
+                        return int(environ.parent.name)
+                except OSError:
+                    continue
+        wait_for(lambda: rank_one() and (tmp_path / "runs" / "point-robot-seed1" / "log.jsonl").exists())
+        os.kill(rank_one(), signal.SIGKILL)
+        start = time.time()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and time.time() - start < 60
+    ours = [line for line in err.splitlines() if line.startswith(("error:", "stopped:"))]
+    assert len(ours) == 1 and "Traceback" not in err.split("torch/distributed/elastic")[0], err[-3000:]  # (torchrun's own report follows)

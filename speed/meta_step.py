@@ -14,6 +14,7 @@ on synthetic cheetah-sized data (17-d observations, 6-d actions), for each path:
     compiled  (--compile here and in macaw.py) the merged path as one pure function of the meta-parameters,
            torch.func.grad(meta-objective), compiled with torch.compile (its compile time is reported;
            autograd's double backward, which the other paths use, cannot be compiled)
+    graphs the compiled path in torch.compile's "reduce-overhead" mode: CUDA graphs on a GPU (--paths ... graphs)
 Each path warms up, then runs `--repeats` timing windows of `--seconds`; the table gives the median,
 min and max meta-steps/s, the speedup over plain, the FLOPs of one meta-step
 (torch.utils.flop_counter) and the utilisation: FLOPs x steps/s / the float32 matmul FLOP/s measured
@@ -68,8 +69,8 @@ def setup(path, tasks, device, macaw=macaw):
         gradient = macaw.compiled_meta_gradient(model, tasks, cfg) if path == "compiled" else None
         return cfg, model, optimizers, batches, lambda b: macaw.meta_train_step(model, optimizers, b, len(b), cfg, gradient)
     optimizers, default_step = macaw.meta_step_function(model, tasks, cfg)  # what train() runs (plain: --plain)
-    if path == "compiled":  # macaw.py's --compile
-        gradient = macaw.compiled_meta_gradient(model, tasks, cfg)
+    if path in ("compiled", "graphs"):  # macaw.py's --compile; "graphs": the same with CUDA graphs
+        gradient = macaw.compiled_meta_gradient(model, tasks, cfg, mode="reduce-overhead" if path == "graphs" else None)
         grads, _ = gradient({k: v.detach() for k, v in model.named_parameters()}, batches)  # compiles
         macaw.fast_meta_objective(model, batches, tasks, cfg)[0].backward()  # check it against eager autograd
         error = max(((grads[k] - p.grad).norm() / p.grad.norm()).item()
@@ -224,7 +225,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timing windows per path and setting")
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 5])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=[*PATHS, "compiled"])
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=[*PATHS, "compiled", "graphs"])
     parser.add_argument("--compile", action="store_true", help="also time the compiled path (minutes of compiling)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-collector", action="store_true", help="skip the data-collector benchmark")
@@ -242,20 +243,20 @@ def main():
         for threads in args.threads:
             torch.set_num_threads(threads)
             matmul = matmul_flops_per_second(args.device)
-            states, compile_s = {}, None
+            states, compile_s = {}, {}
             for p in paths:
                 start = time.perf_counter()
                 states[p] = setup(p, tasks, args.device)
                 steps_per_second(states[p], 0.5, args.device)  # warm-up (and, for "compiled", compiling)
-                if p == "compiled":
-                    compile_s = time.perf_counter() - start
+                if p in ("compiled", "graphs"):
+                    compile_s[p] = time.perf_counter() - start
             rates = {p: [] for p in paths}
             for _ in range(args.repeats):
                 for p in paths:  # interleaved
                     rates[p].append(steps_per_second(states[p], args.seconds, args.device))
             median = {p: statistics.median(r) for p, r in rates.items()}
             for p in paths:
-                eager = setup("merged", tasks, args.device) if p == "compiled" else states[p]
+                eager = setup("merged", tasks, args.device) if p in ("compiled", "graphs") else states[p]
                 flops = flops_per_step(eager)  # (compiled: its arithmetic, counted on the eager merged step)
                 speedup = median[p] / median["plain"] if "plain" in median else None
                 util = flops * median[p] / matmul
@@ -268,11 +269,11 @@ def main():
                                       speedup_vs_plain=round(speedup, 3) if speedup else None,
                                       flops_per_step=flops, matmul_flops_per_s=round(matmul),
                                       utilisation=round(util, 4),
-                                      **({"compile_s": round(compile_s, 1)} if p == "compiled" else {})))
-            if compile_s is not None:
-                print(f"{'':>14} (compiled: {compile_s:.0f} s of compiling before the first step)")
+                                      **({"compile_s": round(compile_s[p], 1)} if p in compile_s else {})))
+            for p, seconds in compile_s.items():
+                print(f"{'':>14} ({p}: {seconds:.0f} s of compiling before the first step)")
     print("\npeak memory of a training step (5 tasks, over the set-up):")
-    for p in [p for p in args.paths if p != "compiled"]:  # (the compiled path would measure the compiler)
+    for p in [p for p in args.paths if p not in ("compiled", "graphs")]:  # (the compiled path would measure the compiler)
         mb = peak_memory_mb(p, 5, args.device)
         print(f"  {p:>6}: {mb:.0f} MB")
         records.append(record("memory", tasks=5, path=p, peak_mb=round(mb, 1)))

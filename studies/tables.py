@@ -199,6 +199,19 @@ def online_table(env):
                  [[m, len(r), *(pm(r[:, e]) for e in episodes)] for m, r in method_returns(res["runs"]).items()])
 
 
+def pearl_point_robot_table():
+    rows = []
+    for name in ("pearl-seed1", "pearl-w64-seed1", "pearl-w64-seed2", "pearl-w64-seed3", "pearl-w64-6k-seed1"):
+        s = load(RESULTS / "point-robot" / f"{name}.json")
+        words = s["command"].split()
+        width = words[words.index("--pearl-width") + 1] if "--pearl-width" in words else "300"
+        rows.append([s["seed"], width, f"{s['steps']:,}", f"{task_mean(s, 'pre_return'):.1f}",
+                     f"**{s['mean_post_return']:.1f}**", f"{task_mean(s, 'random_return'):.1f}",
+                     f"{task_mean(s, 'collector_return'):.1f}", f"{s['wall_time_s'] / 60:.0f} min"])
+    return table(["seed", "width", "steps", "before adaptation (task_z = 0)", "adapted (posterior mean)", "random",
+                  "collector", "wall time"], rows)
+
+
 # ---- speed (docs/speed.md)
 def speed_table(path, forms=("plain", "vmap", "merged", "compiled", "fast")):
     records = load(RESULTS / "speed" / path)
@@ -227,6 +240,14 @@ def authors_table():
           f"{mean(r['plain']) / mean(r['authors']):.1f}x"] for r in res["records"]])
 
 
+def torchrun_table(path):
+    records = load(RESULTS / "speed" / path)
+    return f"{records[0]['device']}, {records[0]['date']}:\n\n" + table(
+        ["tasks", "processes x threads", "meta-steps/s, median (min-max)", "vs 1 process x 2 threads"],
+        [[r["tasks"], f"{r['processes']} x {r['threads']}", f"{r['steps_per_s']:.2f} ({r['min']:.1f}-{r['max']:.1f})",
+          f"{r['speedup_vs_one_process']:.2f}x"] for r in records])
+
+
 def collector_designs_table():
     rows = []
     for env in ("cheetah-vel", "ant-dir"):
@@ -243,6 +264,7 @@ TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": u
           **{f"tasks {e}": (lambda e=e: task_table(e)) for e in ENVS},
           "main": lambda: comparison_table("main"), "ablation": lambda: comparison_table("ablation"),
           "ablation_wide": lambda: comparison_table("ablation_wide"), "full-budget": full_budget_table,
+          "pearl point-robot": pearl_point_robot_table,
           **{f"consistency {e}": (lambda e=e: consistency_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
           **{f"data_quality {e}": (lambda e=e: data_quality_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
           **{f"online {e}": (lambda e=e: online_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
@@ -251,6 +273,7 @@ TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": u
           "speed h100": lambda: speed_table("meta_step_h100.json"),
           "speed h100-compiled": lambda: speed_table("meta_step_h100_compiled.json"),
           "memory": lambda: memory_table("meta_step_epyc.json"), "authors": authors_table,
+          "torchrun epyc": lambda: torchrun_table("torchrun_epyc.json"),
           "collector-designs": collector_designs_table}
 START, END = "<!-- table ", "<!-- end table -->"
 
