@@ -20,9 +20,7 @@ RESULTS = ROOT / "results"
 sys.path.insert(0, str(ROOT / "studies"))
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ENVS = ("cheetah-dir", "cheetah-vel", "ant-dir", "walker-params")
-# MACAW as re-run by UNICORN (NeurIPS 2024, Table 2) on its own SAC data, 6 seeds: (mean, std) of the
-# 200-step return. A published reference, not a result of this project.
-PUBLISHED = {"cheetah-dir": (1155, 10), "cheetah-vel": (-56, 2), "ant-dir": (26, 3), "walker-params": (141, 9)}
+from comparison import PUBLISHED  # noqa: E402  (MACAW as re-run by UNICORN: a published reference)
 
 
 def load(path):
@@ -145,21 +143,9 @@ def comparison_table(name):
 
 
 def full_budget_table():
-    """Every full-budget run of each method on cheetah-dir and cheetah-vel: mean ± std over the seeds there are."""
-    rows = []
-    for env in ("cheetah-dir", "cheetah-vel"):
-        for method in ("macaw", "meta-bc", "mt-awr", "pearl"):
-            runs = seed_summaries(env, "seed" if method == "macaw" else f"{method}-seed")
-            if not runs:
-                continue
-            post = [s["mean_post_return"] for s in runs]
-            rows.append([env, method, runs[0]["steps"], len(runs), pm([task_mean(s, "pre_return") for s in runs]),
-                         f"{pm(post)} ({' / '.join(f'{p:.0f}' for p in post)})",
-                         pm([s["mean_normalized"] for s in runs], "{:.2f}"),
-                         f"{np.mean([s['share_half'] for s in runs]):.0%}",
-                         f"{np.mean([s['wall_time_s'] for s in runs]) / 60:.1f}"])
-    return table(["benchmark", "method", "meta-steps", "seeds", "pre-adaptation", "adapted (per seed)", "normalised",
-                  "adaptations ≥ 0.5", "minutes per run"], rows)
+    """Every full-budget run of each method on each benchmark (studies/comparison.py, which also draws them)."""
+    import comparison
+    return table(comparison.HEADER, comparison.rows())
 
 
 def probe_cell(rows, **where):
@@ -304,7 +290,13 @@ def main(argv=None):
     if args.show:
         print("\n".join(TABLES) if args.show == "list" else TABLES[args.show]())
         return 0
+    import comparison
     stale = []
+    figure = comparison.figure_bytes()
+    if not comparison.FIGURE.exists() or comparison.FIGURE.read_bytes() != figure:
+        stale.append(comparison.FIGURE.relative_to(ROOT))
+        if not args.check:
+            comparison.FIGURE.write_bytes(figure)
     for doc in DOCS:
         text = doc.read_text()
         new = filled(text)
