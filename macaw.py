@@ -167,6 +167,9 @@ class Config:
     target_vf_alpha: float = arg(0.9, "the target mix of (5): phibar = rho phi + (1 - rho) phi', rho = this")
     buffer_skip: int = arg(1, "keep every k-th transition of each task's data (authors: 7)")
     bootstrap_terminations: bool = arg(False, "bootstrap the value target after a fall too, as the authors' code")
+    value_target: str = arg("mc", "target of the outer value loss (5): mc (the paper's) or td-lambda (docs/differences.md)")
+    td_lambda: float = arg(0.95, "lambda of --value-target td-lambda (1: the mc target, 0: one-step TD)")
+    td_refresh: int = arg(250, "--value-target td-lambda: recompute the lambda-returns every this many meta-steps")
     plain: bool = arg(False, "meta-train with section 6 as written, not section 10's faster forms (same numbers)")
     compile: bool = arg(False, "compile the meta-gradient with torch.compile (needs a C compiler; docs/speed.md)")
     finetune_steps: int = arg(20, "mt-awr only: Adam steps on the test task's batch at test time (at the outer lrs)")
@@ -195,12 +198,16 @@ class Config:
             raise UserError(f"unknown --method {cfg.method!r}; choose one of {', '.join(METHODS)}")
         if cfg.method != "macaw":
             cfg.adv_head = False  # the head is part of MACAW's inner loss only
+        if cfg.value_target not in ("mc", "td-lambda") or not 0 <= cfg.td_lambda <= 1:
+            raise UserError("--value-target is mc or td-lambda, with 0 <= --td-lambda <= 1")
+        if cfg.value_target == "td-lambda" and cfg.method != "macaw":
+            raise UserError(f"--value-target td-lambda is for MACAW's outer value loss; --method {cfg.method} has none")
         if cfg.plain and cfg.compile:
             raise UserError("--compile compiles the faster forms, --plain runs section 6 as written: pass one of them")
         cfg.run_name = cfg.run_name or default_run_name(cfg)
         for name in ("steps", "eval_every", "threads", "net_width", "net_depth", "latent_dim", "adv_head_width",
                      "inner_batch", "outer_batch", "meta_batch", "buffer_skip", "eval_batch", "eval_rollouts",
-                     "final_eval_rollouts", "collector_steps", "collector_width", "finetune_steps"):
+                     "final_eval_rollouts", "collector_steps", "collector_width", "finetune_steps", "td_refresh"):
             if getattr(cfg, name) < 1:
                 raise UserError(f"{flag_name(name)} must be >= 1 (got {getattr(cfg, name)})")
         for name in ("inner_lr_init", "adv_coef_init", "outer_policy_lr", "outer_value_lr",
@@ -552,14 +559,18 @@ class TaskData:
     code: a vector appended to every observation (mt-awr's one-hot task id, see task_code); none by default."""
 
     def __init__(self, data, cfg, code=None):
-        mc, term_obs, term_disc = monte_carlo_targets(
-            data["rewards"], data["next_observations"], np.logical_or(data["terminations"], data["truncations"]),
-            cfg.discount, None if cfg.bootstrap_terminations else data["terminations"])
-        keep = slice(None, None, cfg.buffer_skip)  # targets first (from whole episodes), then subsample, as the authors
+        ends = np.logical_or(data["terminations"], data["truncations"])
+        fell = None if cfg.bootstrap_terminations else data["terminations"]
+        mc, term_obs, term_disc = monte_carlo_targets(data["rewards"], data["next_observations"], ends, cfg.discount, fell)
+        self.keep = slice(None, None, cfg.buffer_skip)  # targets first (from whole episodes), then subsample, as the authors
         self.code = np.zeros(0, np.float32) if code is None else np.asarray(code, np.float32)
         with_code = lambda obs: np.concatenate([obs, np.broadcast_to(self.code, (len(obs), len(self.code)))], 1)
         arrays = (with_code(data["observations"]), data["actions"], mc, with_code(term_obs), term_disc)
-        self.tensors = {k: torch.as_tensor(a[keep], device=cfg.device) for k, a in zip(BATCH_FIELDS, arrays)}
+        self.tensors = {k: torch.as_tensor(a[self.keep], device=cfg.device) for k, a in zip(BATCH_FIELDS, arrays)}
+        if cfg.value_target == "td-lambda":  # every stored step, for refresh_lambda_returns
+            no_fall = np.ones(len(ends)) if fell is None else 1.0 - np.asarray(fell, np.float64)
+            self.episodes = dict(rewards=data["rewards"], ends=ends, end_discounts=no_fall,
+                                 next_obs=torch.as_tensor(with_code(data["next_observations"]), device=cfg.device))
         self.size = len(self.tensors["obs"])
         self.collector_return = float(data["collector_return"])
         self.random_return = float(data["random_return"])
@@ -719,6 +730,18 @@ def advantages(value, vparams, batch):
     return batch["mc_return"] + batch["terminal_discount"] * v_end - v_s
 
 
+def lambda_returns(rewards, next_values, ends, end_discounts, discount, lam):
+    """--value-target td-lambda: the TD(lambda) value target of every stored step, backwards over each episode,
+        G_t = r_t + gamma ((1 - lam) V(s_t+1) + lam G_t+1),   at an episode's last step G = r + gamma d V(s_H),
+    d = 1 after a time limit and 0 after a fall, as in (5). lam = 1 gives (5)'s bootstrapped Monte-Carlo target,
+    lam = 0 the one-step TD target r + gamma V(s'). All (N,) numpy arrays (V: the target value function)."""
+    out = np.zeros(len(rewards), np.float64)
+    for t in reversed(range(len(rewards))):
+        follow = end_discounts[t] * next_values[t] if ends[t] else (1 - lam) * next_values[t] + lam * out[t + 1]
+        out[t] = rewards[t] + discount * follow
+    return out
+
+
 def awr_weights(adv, adv_clip):
     """Equation (3): w = exp(min(A_n, log clip)), A_n = (A - mean A) / std A (unbiased std, temperature 1)."""
     normalised = (adv - adv.mean()) / adv.std()
@@ -804,8 +827,12 @@ def outer_losses(model, adapted_v, adapted_p, target_v, outer, cfg):
     """(5) and (6) on the outer batch, at the adapted params: the terms of the meta-objective."""
     if cfg.method == "meta-bc":  # the adapted policy clones the outer batch; no value function
         return dict(outer_value=torch.zeros(()), outer_policy=bc_loss(model.policy, adapted_p, outer, cfg))
-    # (5) Outer value loss at phi' against mc_return + gamma^(H-t) V_phibar(s_H).
-    target = bootstrapped_return(model.value, target_v, outer).detach()
+    # (5) Outer value loss at phi' against mc_return + gamma^(H-t) V_phibar(s_H) (--value-target td-lambda: the
+    # lambda-returns of refresh_lambda_returns; the inner step (1) keeps its Monte-Carlo target either way).
+    if cfg.value_target == "td-lambda":
+        target = outer["lambda_return"]
+    else:
+        target = bootstrapped_return(model.value, target_v, outer).detach()
     outer_v = value_loss(model.value, adapted_v, outer, target)
     # (6) Outer policy loss: plain AWR at theta' on the outer batch, (2)-(3) from phi'; no head term.
     adv = advantages(model.value, adapted_v, outer)
@@ -906,6 +933,23 @@ def meta_train_step(model, optimizers, batches, n_train_tasks, cfg):
     for opt in optimizers:
         opt.step()
     return stats
+
+
+def refresh_lambda_returns(model, task_data, train_ids, cfg, gen):
+    """--value-target td-lambda: each training task's lambda-returns (its batches' "lambda_return"), from its target
+    value function phibar of (5) after one inner value step (1) on an inner batch. V at every stored next state
+    costs more than a meta-step, so train() does this every --td-refresh meta-steps (docs/differences.md)."""
+    vparams = {k: p.detach() for k, p in model.params()[0].items()}
+    for k in train_ids:
+        data = task_data[k]
+        inner = data.contiguous_batch(cfg.inner_batch, gen)
+        grads = grad(lambda p: value_loss(model.value, p, inner, inner["mc_return"]))(vparams)
+        target_v = sgd_step(vparams, grads, model.raw_value_lrs.detach(), 1 - cfg.target_vf_alpha)
+        with torch.no_grad():
+            next_values = functional_call(model.value, target_v, (data.episodes["next_obs"],)).double().cpu().numpy()
+        returns = lambda_returns(data.episodes["rewards"], next_values, data.episodes["ends"],
+                                 data.episodes["end_discounts"], cfg.discount, cfg.td_lambda)
+        data.tensors["lambda_return"] = torch.as_tensor(returns[data.keep], dtype=torch.float32, device=cfg.device)
 
 
 # ================================================================================================
@@ -1731,6 +1775,9 @@ def run_locked(cfg, bench, run_dir, stop):
     t_start, interval_start, first_step = time.time() - wall_time, time.time(), step
     try:
         while step < cfg.steps and not stop:
+            if cfg.value_target == "td-lambda" and (step % cfg.td_refresh == 0 or step == first_step):
+                step_gen = torch.Generator().manual_seed(1_000_003 * cfg.seed + step)  # (training's gen untouched)
+                refresh_lambda_returns(model, task_data, bench.train_ids, cfg, step_gen)
             batches = sample_meta_batch(task_data, bench.train_ids, cfg, gen)
             try:
                 stats = meta_step(batches[rank::world])  # (every task, but under torchrun)
@@ -1885,7 +1932,7 @@ def fast_meta_losses(model, batches, cfg, merge=True):
     tasks' many matrix-vector products with the shared T's into matrix products, and (merge, when gradients
     are on) each T's meta-gradient formed in one product."""
     vparams, pparams = model.params()
-    inner, outer = ({k: torch.stack([b[i][k] for b in batches]) for k in BATCH_FIELDS} for i in (0, 1))
+    inner, outer = ({k: torch.stack([b[i][k] for b in batches]) for k in batches[0][i]} for i in (0, 1))
     if cfg.method == "mt-awr":
         return vmap(lambda inner, outer: multitask_losses(model, vparams, pparams, outer, cfg))(inner, outer)
     if merge and cfg.weight_transform and torch.is_grad_enabled():
@@ -2042,7 +2089,7 @@ def compiled_meta_gradient(model, n_train_tasks, cfg, backend="inductor", mode=N
 
 SECTION_6 = ("sgd_step", "adapt", "outer_losses", "task_meta_losses", "meta_losses", "make_optimizers",
              "meta_objective", "meta_train_step")
-SECTION_6_SOURCE = "f944f1c08115c49e"  # check_section_6's fingerprint of the section 6 that section 10 mirrors
+SECTION_6_SOURCE = "6a17e7cc76aaffe2"  # check_section_6's fingerprint of the section 6 that section 10 mirrors
 
 
 def fast_optimizers(model, cfg):

@@ -1575,3 +1575,73 @@ def test_killing_one_process_stops_the_others_with_one_line(tmp_path):
     assert proc.returncode != 0 and time.time() - start < 60
     ours = [line for line in err.splitlines() if line.startswith(("error:", "stopped:"))]
     assert len(ours) == 1 and "Traceback" not in err.split("torch/distributed/elastic")[0], err[-3000:]  # (torchrun's own report follows)
+
+
+# ------------------------------------------------------------------------------------------------
+# --value-target td-lambda: lambda-returns in the outer value loss.
+# ------------------------------------------------------------------------------------------------
+def hand_made_episodes():
+    """Two stored episodes: 5 steps ending at a time limit, then 4 ending in a fall; V of each next state."""
+    rng = np.random.default_rng(0)
+    rewards, next_values = rng.normal(size=9), rng.normal(size=9) * 10
+    ends = np.array([0, 0, 0, 0, 1, 0, 0, 0, 1], bool)
+    end_discounts = np.array([1, 1, 1, 1, 1, 0, 0, 0, 0], float)  # the second episode fell
+    return rewards, next_values, ends, end_discounts
+
+
+def brute_force_lambda_return(rewards, next_values, ends, end_discounts, gamma, lam):
+    """The forward view: G^lambda_t = (1 - lam) sum_n lam^(n-1) G^(n)_t + lam^(H-t-1) G^(H-t)_t, with the n-step
+    returns G^(n)_t = r_t + ... + gamma^(n-1) r_(t+n-1) + gamma^n V(s_(t+n)) (at the episode's end: d V(s_H))."""
+    out = []
+    for t in range(len(rewards)):
+        last = next(h for h in range(t, len(rewards)) if ends[h])
+        def n_step(n):
+            ret = sum(gamma ** i * rewards[t + i] for i in range(n))
+            end = t + n - 1
+            return ret + gamma ** n * next_values[end] * (end_discounts[end] if end == last else 1.0)
+        steps = last - t + 1
+        out.append(sum((1 - lam) * lam ** (n - 1) * n_step(n) for n in range(1, steps)) + lam ** (steps - 1) * n_step(steps))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.7, 0.95, 1.0])
+def test_lambda_returns_match_the_forward_view_and_the_ends(lam):
+    episodes = hand_made_episodes()
+    np.testing.assert_allclose(macaw.lambda_returns(*episodes, 0.99, lam),
+                               brute_force_lambda_return(*episodes, 0.99, lam), rtol=1e-12, atol=1e-12)
+
+
+def test_lambda_one_is_the_bootstrapped_monte_carlo_target_and_zero_is_one_step_td():
+    rewards, next_values, ends, end_discounts = hand_made_episodes()
+    gamma = 0.99
+    mc, _, terminal_discount = macaw.monte_carlo_targets(rewards, np.zeros((9, 1)), ends, gamma, terminations=1 - end_discounts)
+    v_end = np.array([next_values[4]] * 5 + [next_values[8]] * 4)  # V(s_H) of each step's episode
+    np.testing.assert_allclose(macaw.lambda_returns(rewards, next_values, ends, end_discounts, gamma, 1.0),
+                               mc + terminal_discount * v_end, rtol=1e-6)  # (5)'s target, to float32 rounding
+    np.testing.assert_allclose(macaw.lambda_returns(rewards, next_values, ends, end_discounts, gamma, 0.0),
+                               rewards + gamma * np.where(ends, end_discounts, 1.0) * next_values, rtol=1e-12)
+    assert macaw.lambda_returns(rewards, next_values, ends, end_discounts, gamma, 0.0)[8] == rewards[8]  # a fall
+
+
+def test_td_lambda_takes_the_outer_value_target_in_every_form_and_mc_is_unchanged(tmp_path):
+    batches = [(random_batch(32, seed=2 * t), random_batch(32, seed=2 * t + 1)) for t in range(3)]
+    for _, outer in batches:
+        outer["lambda_return"] = torch.randn(32) * 10
+    plain, _ = meta_gradient(macaw.meta_losses, small_config(value_target="td-lambda"), batches)
+    fast, _ = meta_gradient(macaw.fast_meta_losses, small_config(value_target="td-lambda"), batches)
+    mc, _ = meta_gradient(macaw.meta_losses, small_config(), batches)
+    for name, g in plain.items():
+        assert ((fast[name] - g).norm() / g.norm()).item() < 1e-4, name
+    assert not torch.equal(plain["value.seq.fc_0.fc.bias"], mc["value.seq.fc_0.fc.bias"])
+    # a tiny run: td-lambda refreshes and trains; mc with td-lambda's flags set is the default run exactly
+    default = run_cli(*TINY, "--steps", "4", "--eval-every", "2", "--run-name", "default", cwd=tmp_path)
+    mc_flags = run_cli(*TINY, "--steps", "4", "--eval-every", "2", "--run-name", "mc", "--value-target", "mc",
+                       "--td-lambda", "0.3", "--td-refresh", "3", cwd=tmp_path)
+    td = run_cli(*TINY, "--steps", "4", "--eval-every", "2", "--run-name", "td", "--value-target", "td-lambda",
+                 "--td-refresh", "3", cwd=tmp_path)
+    for result in (default, mc_flags, td):
+        assert result.returncode == 0, result.stderr
+    logs = {n: read_log_without_timing(tmp_path / "runs" / n / "log.jsonl") for n in ("default", "mc", "td")}
+    assert logs["mc"] == logs["default"] and logs["td"] != logs["default"]
+    bad = run_cli(*TINY, "--value-target", "td-lambda", "--method", "meta-bc", cwd=tmp_path)
+    assert bad.returncode == 2 and "td-lambda" in bad.stderr.strip().splitlines()[-1]

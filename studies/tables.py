@@ -234,6 +234,17 @@ def torchrun_table(path):
           f"{r['speedup_vs_one_process']:.2f}x"] for r in records])
 
 
+def td_refresh_table():
+    rows = []
+    for path in sorted((RESULTS / "speed").glob("td_refresh_*.json")):
+        r = load(path)
+        rows.append([r["env"], r["tasks"], f"{r['stored_steps']:,}", f"{r['refresh_s']:.2f} s",
+                     f"{r['meta_step_s'] * 1000:.0f} ms", r["td_refresh"], f"{r['added_per_meta_step']:.0%}",
+                     f"{r['device']}, {r['date']}"])
+    return table(["benchmark", "training tasks", "stored steps", "a refresh", "a default meta-step",
+                  "--td-refresh", "time added per meta-step", "measured on"], rows)
+
+
 def collector_designs_table():
     rows = []
     for env in ("cheetah-vel", "ant-dir"):
@@ -259,7 +270,7 @@ TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": u
           "speed h100": lambda: speed_table("meta_step_h100.json"),
           "speed h100-compiled": lambda: speed_table("meta_step_h100_compiled.json"),
           "memory": lambda: memory_table("meta_step_epyc.json"), "authors": authors_table,
-          "torchrun epyc": lambda: torchrun_table("torchrun_epyc.json"),
+          "torchrun epyc": lambda: torchrun_table("torchrun_epyc.json"), "td-refresh": td_refresh_table,
           "collector-designs": collector_designs_table}
 START, END = "<!-- table ", "<!-- end table -->"
 
