@@ -96,6 +96,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,8 @@ class Config:
     collector_design: str = arg("", "per-task (one SAC agent per task) or shared (one task-conditioned agent per "
                                      "worker); '' = the benchmark's default")
     regenerate_data: bool = arg(False, "delete and regenerate this env's offline data")
+    data_source: str = arg("npz", "npz (<data-dir>/<env>/, made here) or minari (the data sets --export-minari writes)")
+    export_minari: bool = arg(False, "write this env's data (made first if missing) as Minari data sets, then stop")
 
     def resolve(self, bench):
         """A copy with the benchmark-dependent defaults (-1, '') filled in, every value checked before any
@@ -202,6 +205,8 @@ class Config:
             raise UserError("--value-target is mc or td-lambda, with 0 <= --td-lambda <= 1")
         if cfg.value_target == "td-lambda" and cfg.method != "macaw":
             raise UserError(f"--value-target td-lambda is for MACAW's outer value loss; --method {cfg.method} has none")
+        if cfg.data_source not in ("npz", "minari"):
+            raise UserError(f"unknown --data-source {cfg.data_source!r}; choose npz or minari")
         if cfg.plain and cfg.compile:
             raise UserError("--compile compiles the faster forms, --plain runs section 6 as written: pass one of them")
         cfg.run_name = cfg.run_name or default_run_name(cfg)
@@ -477,6 +482,9 @@ def random_policy_return(env, seed, episodes=10):
 #    the inner (contiguous) and outer (random) batch samplers. How the files are made: section 8.
 # ================================================================================================
 def task_data_path(cfg, task_id):
+    """Where task k's data are: its .npz file, or with --data-source minari its Minari data set (section 8)."""
+    if cfg.data_source == "minari":
+        return f"{MINARI}{minari_id(cfg.env, task_id)}"
     return Path(cfg.data_dir) / cfg.env / f"task{task_id}.npz"
 
 
@@ -487,10 +495,16 @@ DATA_KEYS = {"observations": "obs", "actions": "act", "rewards": None, "next_obs
 def load_task_data(path, bench, task_id, cfg=None):
     """Load one task's .npz and check it; any problem -> UserError naming the file and the fix.
     With a cfg, the file must also come from the collector it asks for (--collector-steps, -width, -lr)."""
-    fix = f"delete {path} or pass --regenerate-data"
+    minari = str(path).startswith(MINARI)
+    fix = "export it again (--export-minari)" if minari else f"delete {path} or pass --regenerate-data"
     try:
-        with np.load(path, allow_pickle=False) as z:
-            data = {k: z[k] for k in z.files}
+        if minari:
+            data = read_minari(str(path)[len(MINARI):])
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+    except UserError:
+        raise
     except Exception as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); {fix}") from None
     missing = [k for k in (*DATA_KEYS, "env", "task", "format_version", "collector_return", "random_return")
@@ -596,7 +610,8 @@ def task_code(cfg, bench, k):
 
 def load_benchmark_data(cfg, bench, stop=()):
     """Every task's TaskData; makes the files first if they are missing (ensure_data, section 8)."""
-    ensure_data(cfg, bench, stop)
+    if cfg.data_source == "npz":
+        ensure_data(cfg, bench, stop)
     tasks = [TaskData(load_task_data(task_data_path(cfg, k), bench, k, cfg), cfg, task_code(cfg, bench, k))
              for k in range(len(bench.tasks))]
     need = max(cfg.inner_batch, cfg.outer_batch, cfg.eval_batch)
@@ -1260,6 +1275,73 @@ def write_task_data(bench, task_id, env, data, seed, path):
     atomic_write(path, lambda f: np.savez(f, **data))
 
 
+# Minari (optional: pip install "minari[hdf5]"), the offline-RL data sets' exchange format: --export-minari writes
+# task k's data as the data set macaw/<env>-task<k>-v0 (one Minari episode per stored episode, the file's other
+# keys in its metadata; MINARI_DATASETS_PATH says where), and --data-source minari trains from them.
+MINARI = "minari:"
+
+
+def minari_id(env, task_id):
+    return f"macaw/{env}-task{task_id}-v0"
+
+
+def import_minari():
+    try:
+        import minari
+    except ImportError:
+        raise UserError('Minari is not installed; pip install "minari[hdf5]"') from None
+    return minari
+
+
+def export_minari(cfg):
+    """--export-minari: every task's data (made first if missing) as a Minari data set; replaces older exports."""
+    minari = import_minari()
+    bench = get_benchmark(cfg.env)
+    cfg = cfg.resolve(bench)
+    ensure_data(cfg, bench)
+    space = bench.make_env()
+    for k in range(len(bench.tasks)):
+        data = load_task_data(task_data_path(cfg, k), bench, k, cfg)
+        ends = np.flatnonzero(np.logical_or(data["terminations"], data["truncations"])) + 1
+        episodes = []
+        for i, (start, end) in enumerate(zip(np.r_[0, ends[:-1]], ends)):
+            obs, next_obs = data["observations"][start:end], data["next_observations"][start:end]
+            if not np.array_equal(obs[1:], next_obs[:-1]):
+                raise UserError(f"task {k}'s episode {i} is not one unbroken trajectory; Minari cannot hold it")
+            episodes.append(minari.data_collector.EpisodeBuffer(
+                id=i, observations=np.concatenate([obs, next_obs[-1:]]), actions=data["actions"][start:end],
+                rewards=data["rewards"][start:end], terminations=data["terminations"][start:end],
+                truncations=data["truncations"][start:end]))
+        name = minari_id(cfg.env, k)
+        if name in minari.list_local_datasets():
+            with contextlib.redirect_stdout(io.StringIO()):  # (it prints a line per data set)
+                minari.delete_dataset(name)
+        with warnings.catch_warnings():  # (that the env has no gymnasium registry entry: these envs are macaw.py's)
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = minari.create_dataset_from_buffers(
+                name, episodes, observation_space=space.observation_space, action_space=space.action_space,
+                algorithm_name=f"{bench.collector} collector (macaw.py)", description=f"{cfg.env} task {k} (macaw.py)")
+        dataset.storage.update_metadata({"macaw": {key: value.tolist() for key, value in data.items()
+                                                   if key not in DATA_KEYS}})
+    print(f"Wrote {len(bench.tasks)} Minari data sets, {minari_id(cfg.env, 0)} ... (train from them with "
+          f"--data-source minari)")
+
+
+def read_minari(name):
+    """One task's data dict, as load_task_data reads a .npz, from the Minari data set `name`."""
+    minari = import_minari()
+    if name not in minari.list_local_datasets():
+        raise UserError(f"no Minari data set {name} here; write it with --export-minari")
+    dataset = minari.load_dataset(name)
+    episodes = list(dataset.iterate_episodes())
+    data = dict(observations=np.concatenate([e.observations[:-1] for e in episodes]),
+                next_observations=np.concatenate([e.observations[1:] for e in episodes]),
+                **{k: np.concatenate([getattr(e, k) for e in episodes])
+                   for k in ("actions", "rewards", "terminations", "truncations")})
+    data.update({k: np.asarray(v) for k, v in dataset.storage.metadata["macaw"].items()})
+    return data
+
+
 def collect_group(bench_name, task_ids, steps, seed, width, shared, lr, paths, checkpoint, position):
     """Worker process: collect a group of SAC tasks in lock-step (checkpointed), write each task's file.
     It stops by itself (after saving its checkpoint) if the process that started it is gone."""
@@ -1831,7 +1913,11 @@ def main(argv=None):
     Ctrl-C/SIGTERM) instead of exiting, so a script or notebook can call main([...]); a malformed
     flag still raises argparse's SystemExit."""
     try:
-        train(parse_config(argv))
+        cfg = parse_config(argv)
+        if cfg.export_minari:
+            export_minari(cfg)
+        else:
+            train(cfg)
         return 0
     except UserError as e:
         print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)

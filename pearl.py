@@ -74,7 +74,8 @@ class PearlConfig(macaw.Config):
 MACAW_ONLY = ("method", "net_width", "net_depth", "latent_dim", "adv_head_width", "weight_transform", "adv_head",
               "inner_batch", "outer_batch", "meta_batch", "inner_lr_init", "adv_coef_init", "outer_policy_lr",
               "outer_value_lr", "outer_log_lr_lr", "action_sigma", "adv_clip", "target_vf_alpha",
-              "bootstrap_terminations", "plain", "compile", "finetune_steps")
+              "bootstrap_terminations", "plain", "compile", "finetune_steps", "value_target", "td_lambda", "td_refresh",
+              "export_minari")
 
 
 def mlp(sizes):
@@ -249,7 +250,8 @@ def train(cfg):
 def run_locked(cfg, bench, run_dir, stop, resume):
     run_versions = macaw.versions()
     t0 = time.time()
-    macaw.ensure_data(cfg, bench, stop)
+    if cfg.data_source == "npz":
+        macaw.ensure_data(cfg, bench, stop)
     scale = bench.make_env().action_space.high
     task_data = [PearlTaskData(macaw.load_task_data(macaw.task_data_path(cfg, k), bench, k, cfg), scale, cfg)
                  for k in range(len(bench.tasks))]

@@ -1645,3 +1645,36 @@ def test_td_lambda_takes_the_outer_value_target_in_every_form_and_mc_is_unchange
     assert logs["mc"] == logs["default"] and logs["td"] != logs["default"]
     bad = run_cli(*TINY, "--value-target", "td-lambda", "--method", "meta-bc", cwd=tmp_path)
     assert bad.returncode == 2 and "td-lambda" in bad.stderr.strip().splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------------------------
+# Minari: --export-minari and --data-source minari (optional: pip install -r requirements-optional.txt).
+# ------------------------------------------------------------------------------------------------
+def test_minari_round_trip_gives_the_same_data_and_batches(tmp_path, monkeypatch):
+    pytest.importorskip("minari", reason="Minari is optional: pip install -r requirements-optional.txt")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    args = ["--env", "point-robot", "--collector-steps", "400", "--data-dir", str(tmp_path / "data")]
+    assert macaw.main([*args, "--export-minari"]) == 0
+    cfg = {source: macaw.parse_config([*args, "--data-source", source, "--eval-batch", "32", "--inner-batch", "32",
+                                       "--outer-batch", "32"]).resolve(macaw.BENCHMARKS["point-robot"])
+           for source in ("npz", "minari")}
+    bench = macaw.BENCHMARKS["point-robot"]
+    for k in (0, 24):
+        npz, mini = (macaw.load_task_data(macaw.task_data_path(cfg[s], k), bench, k, cfg[s]) for s in ("npz", "minari"))
+        assert npz.keys() == mini.keys()
+        for key in npz:
+            assert np.array_equal(npz[key], mini[key]), key
+    data = {s: macaw.load_benchmark_data(cfg[s], bench) for s in cfg}
+    batches = {s: macaw.sample_meta_batch(data[s], bench.train_ids, cfg[s], torch.Generator().manual_seed(0)) for s in cfg}
+    for (npz_in, npz_out), (mini_in, mini_out) in zip(batches["npz"], batches["minari"]):
+        for key in npz_in:
+            assert torch.equal(npz_in[key], mini_in[key]) and torch.equal(npz_out[key], mini_out[key]), key
+
+
+def test_minari_missing_is_one_line_naming_the_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "minari", None)  # import minari now raises ImportError
+    assert macaw.main(["--env", "point-robot", "--export-minari", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'pip install "minari[hdf5]"' in err[0]
+    assert macaw.main(["--env", "point-robot", "--data-source", "minari", "--out", str(tmp_path)]) == 2
+    assert 'pip install "minari[hdf5]"' in capsys.readouterr().err
