@@ -946,39 +946,41 @@ def test_unwritable_output_dir_fails_before_work(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Reliability, part 2: damaged checkpoints, concurrent runs, failing writes, finished runs.
 # ------------------------------------------------------------------------------------------------
-def test_damaged_checkpoint_resumes_from_the_previous_one(tmp_path):
-    result = run_cli(*TINY, "--steps", "4", "--eval-every", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_damaged_checkpoint_resumes_from_the_previous_one(tmp_path, capsys):
+    places = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]  # (in-process: main())
+    assert macaw.main([*TINY, *places, "--steps", "4", "--eval-every", "2"]) == 0
     run = tmp_path / "runs" / "point-robot-seed1"
     assert torch.load(run / "checkpoint.prev.pt", weights_only=False)["step"] == 2  # kept beside the latest
     latest = run / "checkpoint.pt"
     latest.write_bytes(latest.read_bytes()[:1000])  # cut short, as by a full disk or a crash mid-copy
 
-    result = run_cli("--resume", str(run), "--steps", "6", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "damaged" in result.stdout and "checkpoint.prev.pt (step 2)" in result.stdout
-    straight = run_cli(*TINY, "--steps", "6", "--eval-every", "2", "--run-name", "straight", cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr
+    capsys.readouterr()
+    assert macaw.main(["--resume", str(run), "--steps", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "damaged" in out and "checkpoint.prev.pt (step 2)" in out
+    assert macaw.main([*TINY, *places, "--steps", "6", "--eval-every", "2", "--run-name", "straight"]) == 0
     assert read_log_without_timing(run / "log.jsonl") == read_log_without_timing(
         tmp_path / "runs" / "straight" / "log.jsonl")
 
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):
         (run / name).write_bytes(b"garbage")
-    result = run_cli("--resume", str(run), "--steps", "8", cwd=tmp_path)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1
+    capsys.readouterr()
+    assert macaw.main(["--resume", str(run), "--steps", "8"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
     assert str(run / "checkpoint.pt") in lines[0] and "damaged" in lines[0] and "--run-name" in lines[0]
 
 
-def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path):
-    result = run_cli(*TINY, "--steps", "2", "--eval-every", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, capsys):
+    places = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]  # (in-process: main())
+    assert macaw.main([*TINY, *places, "--steps", "2", "--eval-every", "2"]) == 0
     run = tmp_path / "runs" / "point-robot-seed1"
     before = {name: (run / name).read_bytes() for name in ("summary.json", "log.jsonl", "checkpoint.pt")}
-    result = run_cli("--resume", str(run), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "already finished at step 2" in result.stdout and "--steps" in result.stdout
-    assert "meta-train" not in result.stderr  # no training, no final evaluation
+    capsys.readouterr()
+    assert macaw.main(["--resume", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "already finished at step 2" in out and "--steps" in out
+    assert "meta-train" not in err  # no training, no final evaluation
     assert before == {name: (run / name).read_bytes() for name in before}
 
 
@@ -1140,13 +1142,13 @@ def test_point_robot_runs_without_mujoco_installed(tmp_path):
     assert versions["mujoco"] is None
 
 
-def test_resume_names_the_flags_it_ignores(tmp_path):
-    result = run_cli(*TINY, "--steps", "2", "--eval-every", "2", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+def test_resume_names_the_flags_it_ignores(tmp_path, capsys):
+    places = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]  # (in-process: main())
+    assert macaw.main([*TINY, *places, "--steps", "2", "--eval-every", "2"]) == 0
     run = tmp_path / "runs" / "point-robot-seed1"
-    result = run_cli("--resume", str(run), "--steps", "4", "--net-width", "64", "--seed", "3", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "ignored: --seed 3, --net-width 64" in result.stdout
+    capsys.readouterr()
+    assert macaw.main(["--resume", str(run), "--steps", "4", "--net-width", "64", "--seed", "3"]) == 0
+    assert "ignored: --seed 3, --net-width 64" in capsys.readouterr().out
     assert json.loads((run / "config.json").read_text())["net_width"] == 16
 
 
@@ -1543,8 +1545,8 @@ def test_a_tiny_torchrun_run_writes_one_set_of_files(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert sorted(summary["tasks"], key=int) == ["20", "21", "22", "23", "24"]  # every test task, from both processes
     assert len(list((tmp_path / "data" / "point-robot").glob("task*.npz"))) == 25  # each task's data made once
-    single = run_cli(*TINY, "--steps", "1", "--run-name", "single", "--data-dir", "single-data", cwd=tmp_path)
-    assert single.returncode == 0, single.stderr
+    single = macaw.Config(env="point-robot", collector_steps=400, data_dir=str(tmp_path / "single-data"))
+    macaw.ensure_data(single.resolve(macaw.BENCHMARKS["point-robot"]), macaw.BENCHMARKS["point-robot"])
     for k in (0, 24):  # the same data as one process makes
         with np.load(tmp_path / "data" / "point-robot" / f"task{k}.npz") as a, \
                 np.load(tmp_path / "single-data" / "point-robot" / f"task{k}.npz") as b:
@@ -1634,17 +1636,14 @@ def test_td_lambda_takes_the_outer_value_target_in_every_form_and_mc_is_unchange
         assert ((fast[name] - g).norm() / g.norm()).item() < 1e-4, name
     assert not torch.equal(plain["value.seq.fc_0.fc.bias"], mc["value.seq.fc_0.fc.bias"])
     # a tiny run: td-lambda refreshes and trains; mc with td-lambda's flags set is the default run exactly
-    default = run_cli(*TINY, "--steps", "4", "--eval-every", "2", "--run-name", "default", cwd=tmp_path)
-    mc_flags = run_cli(*TINY, "--steps", "4", "--eval-every", "2", "--run-name", "mc", "--value-target", "mc",
-                       "--td-lambda", "0.3", "--td-refresh", "3", cwd=tmp_path)
-    td = run_cli(*TINY, "--steps", "4", "--eval-every", "2", "--run-name", "td", "--value-target", "td-lambda",
-                 "--td-refresh", "3", cwd=tmp_path)
-    for result in (default, mc_flags, td):
-        assert result.returncode == 0, result.stderr
+    places = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs"), "--steps", "4", "--eval-every", "2"]
+    assert macaw.main([*TINY, *places, "--run-name", "default"]) == 0
+    assert macaw.main([*TINY, *places, "--run-name", "mc", "--value-target", "mc", "--td-lambda", "0.3",
+                       "--td-refresh", "3"]) == 0
+    assert macaw.main([*TINY, *places, "--run-name", "td", "--value-target", "td-lambda", "--td-refresh", "3"]) == 0
     logs = {n: read_log_without_timing(tmp_path / "runs" / n / "log.jsonl") for n in ("default", "mc", "td")}
     assert logs["mc"] == logs["default"] and logs["td"] != logs["default"]
-    bad = run_cli(*TINY, "--value-target", "td-lambda", "--method", "meta-bc", cwd=tmp_path)
-    assert bad.returncode == 2 and "td-lambda" in bad.stderr.strip().splitlines()[-1]
+    assert macaw.main([*TINY, *places, "--value-target", "td-lambda", "--method", "meta-bc"]) == 2
 
 
 # ------------------------------------------------------------------------------------------------
