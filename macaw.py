@@ -207,6 +207,8 @@ class Config:
             raise UserError(f"--value-target td-lambda is for MACAW's outer value loss; --method {cfg.method} has none")
         if cfg.data_source not in ("npz", "minari"):
             raise UserError(f"unknown --data-source {cfg.data_source!r}; choose npz or minari")
+        if cfg.export_minari and cfg.data_source == "minari":
+            raise UserError("--export-minari writes the .npz data as Minari data sets: leave out --data-source minari")
         if cfg.plain and cfg.compile:
             raise UserError("--compile compiles the faster forms, --plain runs section 6 as written: pass one of them")
         cfg.run_name = cfg.run_name or default_run_name(cfg)
@@ -1289,7 +1291,7 @@ def import_minari():
     try:
         import minari
     except ImportError:
-        raise UserError('Minari is not installed; pip install "minari[hdf5]"') from None
+        raise UserError('Minari is not installed; pip install -r requirements-optional.txt (that is, "minari[hdf5]")') from None
     return minari
 
 

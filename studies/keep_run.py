@@ -2,8 +2,8 @@
 
     python studies/keep_run.py runs/full/cheetah-vel-pearl-seed1 results/cheetah-vel/pearl-seed1.json
 
-The curve holds, for every evaluation during training, the step and each held-out task's mean return before
-and after adaptation (what the comparison figure draws). A run without a summary (unfinished) is refused.
+The curve holds, for every evaluation during training, the step, each held-out task's mean return before and
+after adaptation (what the comparison figure draws) and the training losses logged then. A run without a summary (unfinished) is refused.
 """
 import json
 import sys
@@ -22,8 +22,9 @@ def kept(run_dir):
     curve = []
     for line in (run_dir / "log.jsonl").read_text().splitlines():
         record = json.loads(line)
+        losses = {k: round(v, 4) for k, v in record.items() if k not in ("step", "time", "eval", "steps_per_s")}
         curve.append(dict(step=record["step"], **{when: {k: round(v[when], 2) for k, v in record["eval"].items()}
-                                                   for when in ("pre", "post")}))
+                                                   for when in ("pre", "post")}, losses=losses))
     return dict(summary, curve=curve)
 
 

@@ -187,7 +187,7 @@ def online_table(env):
 
 def pearl_point_robot_table():
     rows = []
-    for name in ("pearl-seed1", "pearl-w64-seed1", "pearl-w64-seed2", "pearl-w64-seed3", "pearl-w64-6k-seed1"):
+    for name in ("pearl-w300-2k-seed1", "pearl-w64-seed1", "pearl-w64-seed2", "pearl-w64-seed3", "pearl-w64-6k-seed1"):
         s = load(RESULTS / "point-robot" / f"{name}.json")
         words = s["command"].split()
         width = words[words.index("--pearl-width") + 1] if "--pearl-width" in words else "300"
