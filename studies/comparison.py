@@ -79,11 +79,12 @@ def figure_bytes():
                 continue
             steps = curves[0][0]
             values = np.array([c[1] for c in curves if np.array_equal(c[0], steps)])
-            ax.plot(steps, values.mean(0), color=color, label=f"{name} ({len(values)})")
+            ax.plot(steps, values.mean(0), color=color, label=f"{name} ({len(values)} seed{'s' * (len(values) > 1)})")
             ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, linewidth=0)
         ax.axhline(PUBLISHED[env][0], color="k", linestyle="--", linewidth=1, label="published MACAW")
         ax.set_title(env)
         ax.set_xlabel("training step")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out adapted return")
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
