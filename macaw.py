@@ -168,7 +168,7 @@ class Config:
     target_vf_alpha: float = arg(0.9, "the target mix of (5): phibar = rho phi + (1 - rho) phi', rho = this")
     buffer_skip: int = arg(1, "keep every k-th transition of each task's data (authors: 7)")
     bootstrap_terminations: bool = arg(False, "bootstrap the value target after a fall too, as the authors' code")
-    value_target: str = arg("mc", "target of the outer value loss (5): mc (the paper's) or td-lambda (docs/differences.md)")
+    value_target: str = arg("mc", "outer value target (5): mc (the paper's) or td-lambda (docs/differences.md)")
     td_lambda: float = arg(0.95, "lambda of --value-target td-lambda (1: the mc target, 0: one-step TD)")
     td_refresh: int = arg(250, "--value-target td-lambda: recompute the lambda-returns every this many meta-steps")
     plain: bool = arg(False, "meta-train with section 6 as written, not section 10's faster forms (same numbers)")
@@ -577,8 +577,9 @@ class TaskData:
     def __init__(self, data, cfg, code=None):
         ends = np.logical_or(data["terminations"], data["truncations"])
         fell = None if cfg.bootstrap_terminations else data["terminations"]
-        mc, term_obs, term_disc = monte_carlo_targets(data["rewards"], data["next_observations"], ends, cfg.discount, fell)
-        self.keep = slice(None, None, cfg.buffer_skip)  # targets first (from whole episodes), then subsample, as the authors
+        mc, term_obs, term_disc = monte_carlo_targets(data["rewards"], data["next_observations"], ends, cfg.discount,
+                                                      fell)
+        self.keep = slice(None, None, cfg.buffer_skip)  # targets first (from whole episodes), then subsample, as theirs
         self.code = np.zeros(0, np.float32) if code is None else np.asarray(code, np.float32)
         with_code = lambda obs: np.concatenate([obs, np.broadcast_to(self.code, (len(obs), len(self.code)))], 1)
         arrays = (with_code(data["observations"]), data["actions"], mc, with_code(term_obs), term_disc)
@@ -1291,12 +1292,15 @@ def import_minari():
     try:
         import minari
     except ImportError:
-        raise UserError('Minari is not installed; pip install -r requirements-optional.txt (that is, "minari[hdf5]")') from None
+        raise UserError('Minari is not installed; pip install -r requirements-optional.txt (that is, "minari[hdf5]")'
+                        ) from None
     return minari
 
 
 def export_minari(cfg):
     """--export-minari: every task's data (made first if missing) as a Minari data set; replaces older exports."""
+    if process_share()[1] > 1:
+        raise UserError("--export-minari runs in one process: start it with python, not torchrun")
     minari = import_minari()
     bench = get_benchmark(cfg.env)
     cfg = cfg.resolve(bench)
@@ -1312,8 +1316,8 @@ def export_minari(cfg):
                 raise UserError(f"task {k}'s episode {i} is not one unbroken trajectory; Minari cannot hold it")
             episodes.append(minari.data_collector.EpisodeBuffer(
                 id=i, observations=np.concatenate([obs, next_obs[-1:]]), actions=data["actions"][start:end],
-                rewards=data["rewards"][start:end], terminations=data["terminations"][start:end],
-                truncations=data["truncations"][start:end]))
+                rewards=data["rewards"][start:end], terminations=data["terminations"][start:end].astype(bool),
+                truncations=data["truncations"][start:end].astype(bool)))
         name = minari_id(cfg.env, k)
         if name in minari.list_local_datasets():
             with contextlib.redirect_stdout(io.StringIO()):  # (it prints a line per data set)
@@ -1321,7 +1325,8 @@ def export_minari(cfg):
         with warnings.catch_warnings():  # (that the env has no gymnasium registry entry: these envs are macaw.py's)
             warnings.simplefilter("ignore", UserWarning)
             dataset = minari.create_dataset_from_buffers(
-                name, episodes, observation_space=space.observation_space, action_space=space.action_space,
+                name, episodes, action_space=space.action_space,
+                observation_space=gym.spaces.Box(-np.inf, np.inf, data["observations"].shape[1:], np.float32),
                 algorithm_name=f"{bench.collector} collector (macaw.py)", description=f"{cfg.env} task {k} (macaw.py)")
         dataset.storage.update_metadata({"macaw": {key: value.tolist() for key, value in data.items()
                                                    if key not in DATA_KEYS}})
@@ -1338,7 +1343,7 @@ def read_minari(name):
     episodes = list(dataset.iterate_episodes())
     data = dict(observations=np.concatenate([e.observations[:-1] for e in episodes]),
                 next_observations=np.concatenate([e.observations[1:] for e in episodes]),
-                **{k: np.concatenate([getattr(e, k) for e in episodes])
+                **{k: np.concatenate([getattr(e, k) for e in episodes]).astype(np.float32)  # (as the .npz files)
                    for k in ("actions", "rewards", "terminations", "truncations")})
     data.update({k: np.asarray(v) for k, v in dataset.storage.metadata["macaw"].items()})
     return data
@@ -1379,22 +1384,22 @@ def ensure_data(cfg, bench, stop=()):
     fills, every worker process is ended and Interrupted is raised."""
     folder = Path(cfg.data_dir) / cfg.env
     folder.mkdir(parents=True, exist_ok=True)
-    if not cfg.regenerate_data and not missing_tasks(cfg, bench):
-        return
     rank, world = process_share()  # under torchrun, process 0 holds the lock and each makes a share of the tasks
-    wait = dist.barrier if world > 1 else lambda: None
+    if world == 1 and not cfg.regenerate_data and not missing_tasks(cfg, bench):
+        return
     lock = folder_lock(folder, wait=True, purpose=f"generating the {cfg.env} data in {folder}/")
     with lock if rank == 0 else contextlib.nullcontext():
         if cfg.regenerate_data and rank == 0:
             for p in [*folder.glob("task*.npz"), *folder.glob("collector-*.pt")]:
                 p.unlink()
-        wait()
-        missing = missing_tasks(cfg, bench)  # another run may have made them while we waited
-        wait()
-        mine = np.array_split(np.array(missing, dtype=int), world)[rank].tolist()
+        missing = [missing_tasks(cfg, bench)]  # another run may have made them while we waited
+        if world > 1:
+            dist.broadcast_object_list(missing, src=0)  # process 0's view, for every process
+        mine = np.array_split(np.array(missing[0], dtype=int), world)[rank].tolist()
         if mine:
             generate_tasks(cfg, bench, mine, stop)
-        wait()
+        if world > 1:
+            dist.barrier()
 
 
 def generate_tasks(cfg, bench, task_ids, stop=()):
@@ -1734,13 +1739,13 @@ def process_share():
 
 
 def join_processes(cfg):
-    """Under torchrun, join the process group once (gloo on CPU, NCCL on CUDA; generous timeout: a process may wait
-    for the others' data)."""
+    """Under torchrun, join the process group once (gloo for CPU tensors, and NCCL for CUDA ones on a GPU; a generous
+    timeout: a process may wait for the others' data)."""
     if process_share()[1] > 1 and not dist.is_initialized():
         if cfg.device.startswith("cuda"):
             cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(cfg.device)
-        dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo",
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cfg.device.startswith("cuda") else "gloo",
                                 timeout=datetime.timedelta(hours=6))
 
 
@@ -1755,6 +1760,15 @@ def sum_gradients_over_processes(model, optimizers):
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad = g.view_as(p)
     optimizers[0].register_step_pre_hook(all_reduce)
+
+
+def any_process(flag):
+    """Whether `flag` is set in any process (every process gets the same answer: they stop at the same step)."""
+    if process_share()[1] == 1:
+        return bool(flag)
+    flags = torch.tensor([float(bool(flag))])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags.item())
 
 
 def mean_over_processes(losses, n_tasks):
@@ -1790,6 +1804,10 @@ def train(cfg):
     if not cfg.plain:
         check_section_6()  # before any data are made
     join_processes(cfg)
+    world = process_share()[1]
+    if world > min(cfg.meta_batch, len(bench.train_ids)):
+        raise UserError(f"{world} processes share a meta-batch of {min(cfg.meta_batch, len(bench.train_ids))} tasks; "
+                        f"use at most that many processes, or a larger --meta-batch")
     run_dir = Path(cfg.out) / cfg.run_name
     check_writable(run_dir, "--out")
     check_writable(Path(cfg.data_dir) / cfg.env, "--data-dir")
@@ -1815,9 +1833,6 @@ def run_locked(cfg, bench, run_dir, stop):
     optimizers, meta_step = meta_step_function(model, len(bench.train_ids), cfg)  # section 6's forms or 10's
     rank, world = process_share()  # (0, 1) but under torchrun
     if world > 1:
-        if min(cfg.meta_batch, len(bench.train_ids)) < world:
-            raise UserError(f"{world} processes share a meta-batch of {min(cfg.meta_batch, len(bench.train_ids))} "
-                            f"tasks; use at most that many processes, or a larger --meta-batch")
         sum_gradients_over_processes(model, optimizers)
     gen = torch.Generator().manual_seed(cfg.seed)  # all batch sampling draws from this
     step, wall_time, running = 0, 0.0, []
@@ -1858,7 +1873,7 @@ def run_locked(cfg, bench, run_dir, stop):
     bar = tqdm(total=cfg.steps, initial=step, desc="meta-train", mininterval=1, dynamic_ncols=True, disable=rank > 0)
     t_start, interval_start, first_step = time.time() - wall_time, time.time(), step
     try:
-        while step < cfg.steps and not stop:
+        while step < cfg.steps and not any_process(stop):
             if cfg.value_target == "td-lambda" and (step % cfg.td_refresh == 0 or step == first_step):
                 step_gen = torch.Generator().manual_seed(1_000_003 * cfg.seed + step)  # (training's gen untouched)
                 refresh_lambda_returns(model, task_data, bench.train_ids, cfg, step_gen)
@@ -1896,9 +1911,10 @@ def run_locked(cfg, bench, run_dir, stop):
                 interval_start = time.time()
     finally:
         bar.close()
-    if stop:
+    if step < cfg.steps:  # stopped (in every process at the same step)
         checkpoint()
-        raise Interrupted(f"{stop[0]}: stopped at step {step}; saved {ckpt_path}; continue with "
+        signal_name = stop[0] if stop else "another process's signal"
+        raise Interrupted(f"{signal_name}: stopped at step {step}; saved {ckpt_path}; continue with "
                           f"python macaw.py --resume {run_dir}")
     final = evaluation(model, bench, task_data, cfg, gen, rollouts=cfg.final_eval_rollouts)
     wall_time = time.time() - t_start
@@ -1924,7 +1940,9 @@ def main(argv=None):
     except UserError as e:
         print(f"{'stopped' if isinstance(e, Interrupted) else 'error'}: {e}", file=sys.stderr)
         return 130 if isinstance(e, Interrupted) else 2
-    except dist.DistError as e:  # torchrun: another process stopped (and torchrun stops this one)
+    except RuntimeError as e:  # torchrun: a collective whose peer process is gone (and torchrun stops this one)
+        if process_share()[1] == 1 or not (isinstance(e, dist.DistError) or "closed by peer" in str(e)):
+            raise
         print(f"error: another process of this torchrun run stopped ({type(e).__name__}); the run folder holds "
               f"process 0's last checkpoint", file=sys.stderr)
         return 1

@@ -1662,7 +1662,7 @@ def test_minari_round_trip_gives_the_same_data_and_batches(tmp_path, monkeypatch
         npz, mini = (macaw.load_task_data(macaw.task_data_path(cfg[s], k), bench, k, cfg[s]) for s in ("npz", "minari"))
         assert npz.keys() == mini.keys()
         for key in npz:
-            assert np.array_equal(npz[key], mini[key]), key
+            assert np.array_equal(npz[key], mini[key]) and np.asarray(npz[key]).dtype == np.asarray(mini[key]).dtype, key
     data = {s: macaw.load_benchmark_data(cfg[s], bench) for s in cfg}
     batches = {s: macaw.sample_meta_batch(data[s], bench.train_ids, cfg[s], torch.Generator().manual_seed(0)) for s in cfg}
     for (npz_in, npz_out), (mini_in, mini_out) in zip(batches["npz"], batches["minari"]):
