@@ -1537,12 +1537,13 @@ def versions():
 CHECKPOINT_KEYS = ("model", "optimizers", "generator", "torch_rng", "step", "wall_time", "running")
 
 
-def save_checkpoint(path, model, optimizers, gen, step, wall_time, running, cfg):
+def save_checkpoint(path, model, optimizers, gen, step, wall_time, running, cfg, **extra):
     """Everything a resumed run needs to continue exactly (weights, Adam and RNG states, the step, the current
-    logging interval's losses); the previous checkpoint stays beside it as checkpoint.prev.pt."""
+    logging interval's losses, and `extra`: --value-target td-lambda's current targets); the previous checkpoint
+    stays beside it as checkpoint.prev.pt."""
     state = dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                  generator=gen.get_state(), torch_rng=torch.get_rng_state(), step=step,
-                 wall_time=wall_time, running=running, config=dataclasses.asdict(cfg))
+                 wall_time=wall_time, running=running, config=dataclasses.asdict(cfg), **extra)
     if not all(torch.isfinite(v).all() for v in state["model"].values()):
         raise NonFiniteError("non-finite parameters; the checkpoint was not overwritten")
     atomic_torch_save(path, state, keep_previous=True)
@@ -1849,6 +1850,8 @@ def run_locked(cfg, bench, run_dir, stop):
         gen.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step, wall_time, running = state["step"], state["wall_time"], state["running"]
+        for k, targets in state.get("lambda_returns", {}).items():  # --value-target td-lambda's, as they were
+            task_data[k].tensors["lambda_return"] = targets
         if rank == 0:
             print(f"Resuming {run_dir} at step {step}")
     records = read_log(log_path, step)
@@ -1864,7 +1867,10 @@ def run_locked(cfg, bench, run_dir, stop):
     def checkpoint():  # checkpoint first: a log never runs ahead of the checkpoint it belongs to
         if rank > 0:
             return
-        save_checkpoint(ckpt_path, model, optimizers, gen, step, time.time() - t_start, running, cfg)
+        targets = {k: task_data[k].tensors["lambda_return"] for k in bench.train_ids
+                   if "lambda_return" in task_data[k].tensors}
+        save_checkpoint(ckpt_path, model, optimizers, gen, step, time.time() - t_start, running, cfg,
+                        **(dict(lambda_returns=targets) if targets else {}))
         atomic_write(log_path, lambda f: f.write("".join(json.dumps(r) + "\n" for r in records).encode()))
 
     # Ctrl-C / SIGTERM only append to `stop` (run_settings), checked between meta-steps: no half-step checkpoint.
@@ -1874,7 +1880,8 @@ def run_locked(cfg, bench, run_dir, stop):
     t_start, interval_start, first_step = time.time() - wall_time, time.time(), step
     try:
         while step < cfg.steps and not any_process(stop):
-            if cfg.value_target == "td-lambda" and (step % cfg.td_refresh == 0 or step == first_step):
+            if cfg.value_target == "td-lambda" and (step % cfg.td_refresh == 0 or
+                                                    "lambda_return" not in task_data[bench.train_ids[0]].tensors):
                 step_gen = torch.Generator().manual_seed(1_000_003 * cfg.seed + step)  # (training's gen untouched)
                 refresh_lambda_returns(model, task_data, bench.train_ids, cfg, step_gen)
             batches = sample_meta_batch(task_data, bench.train_ids, cfg, gen)

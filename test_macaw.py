@@ -1643,6 +1643,11 @@ def test_td_lambda_takes_the_outer_value_target_in_every_form_and_mc_is_unchange
     assert macaw.main([*TINY, *places, "--run-name", "td", "--value-target", "td-lambda", "--td-refresh", "3"]) == 0
     logs = {n: read_log_without_timing(tmp_path / "runs" / n / "log.jsonl") for n in ("default", "mc", "td")}
     assert logs["mc"] == logs["default"] and logs["td"] != logs["default"]
+    # resumed between two refreshes (checkpoint at step 2, refreshes at 0 and 3), it continues exactly
+    assert macaw.main([*TINY, *places[:4], "--steps", "2", "--eval-every", "2", "--run-name", "td-resumed",
+                       "--value-target", "td-lambda", "--td-refresh", "3"]) == 0
+    assert macaw.main(["--resume", str(tmp_path / "runs" / "td-resumed"), "--steps", "4"]) == 0
+    assert read_log_without_timing(tmp_path / "runs" / "td-resumed" / "log.jsonl") == logs["td"]
     assert macaw.main([*TINY, *places, "--value-target", "td-lambda", "--method", "meta-bc"]) == 2
 
 
