@@ -73,10 +73,12 @@ def figure_bytes():
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(ENVS), figsize=(4.2 * len(ENVS), 3.6))
     for ax, env in zip(axes, ENVS):
+        drawn = False
         for (method, name), color in zip(METHODS.items(), ("C0", "C3", "C2", "C1")):
             curves = [curve(s) for s in runs(env, method) if s.get("curve")]
             if not curves:
                 continue
+            drawn = True
             steps = curves[0][0]
             values = np.array([c[1] for c in curves if np.array_equal(c[0], steps)])
             ax.plot(steps, values.mean(0), color=color, label=f"{name} ({len(values)} seed{'s' * (len(values) > 1)})")
@@ -85,6 +87,9 @@ def figure_bytes():
         ax.set_title(env)
         ax.set_xlabel("training step")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))
+        if not drawn:
+            ax.set_xticks([])
+            ax.text(0.5, 0.5, "no run kept with its curve yet", transform=ax.transAxes, ha="center", color="gray")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out adapted return")
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
