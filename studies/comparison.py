@@ -89,7 +89,7 @@ def figure_bytes():
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))
         if not drawn:
             ax.set_xticks([])
-            ax.text(0.5, 0.5, "no run kept with its curve yet", transform=ax.transAxes, ha="center", color="gray")
+            ax.text(0.5, 0.75, "no run kept with its curve yet", transform=ax.transAxes, ha="center", color="gray")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out adapted return")
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
