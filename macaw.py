@@ -1772,6 +1772,14 @@ def any_process(flag):
     return bool(flags.item())
 
 
+def meta_step_over_processes(model, n_train_tasks, cfg):
+    """meta_step_function's optimisers and step, with the gradients summed over the processes under torchrun."""
+    optimizers, meta_step = meta_step_function(model, n_train_tasks, cfg)
+    if process_share()[1] > 1:
+        sum_gradients_over_processes(model, optimizers)
+    return optimizers, meta_step
+
+
 def mean_over_processes(losses, n_tasks):
     """The meta-batch's mean of each logged loss from each process's mean over its n_tasks tasks."""
     names = sorted(losses)
@@ -1831,10 +1839,8 @@ def run_locked(cfg, bench, run_dir, stop):
     data_time = time.time() - t0
     obs_dim, act_dim = task_data[0].tensors["obs"].shape[1], task_data[0].tensors["actions"].shape[1]
     model = MACAW(obs_dim, act_dim, cfg).to(cfg.device)  # obs_dim includes mt-awr's task id
-    optimizers, meta_step = meta_step_function(model, len(bench.train_ids), cfg)  # section 6's forms or 10's
+    optimizers, meta_step = meta_step_over_processes(model, len(bench.train_ids), cfg)  # section 6's forms or 10's
     rank, world = process_share()  # (0, 1) but under torchrun
-    if world > 1:
-        sum_gradients_over_processes(model, optimizers)
     gen = torch.Generator().manual_seed(cfg.seed)  # all batch sampling draws from this
     step, wall_time, running = 0, 0.0, []
     ckpt_path, log_path, summary_path = run_dir / "checkpoint.pt", run_dir / "log.jsonl", run_dir / "summary.json"

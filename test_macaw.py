@@ -1499,9 +1499,7 @@ for form in ("default", "plain"):
     macaw.join_processes(cfg)
     torch.manual_seed(0)
     model = macaw.MACAW(5, 2, cfg)
-    optimizers, meta_step = macaw.meta_step_function(model, 8, cfg)
-    if world > 1:
-        macaw.sum_gradients_over_processes(model, optimizers)
+    optimizers, meta_step = macaw.meta_step_over_processes(model, 8, cfg)
     batches = [(random_batch(32, seed=2 * t), random_batch(32, seed=2 * t + 1)) for t in range(5)]
     meta_step(batches[rank::world])
     torch.save(dict(params={k: p.detach() for k, p in model.named_parameters()},

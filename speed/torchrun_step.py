@@ -35,9 +35,7 @@ def worker(tasks, steps, threads):
     macaw.join_processes(cfg)
     torch.manual_seed(0)
     model = macaw.MACAW(17, 6, cfg)
-    optimizers, meta_step = macaw.meta_step_function(model, 20, cfg)
-    if world > 1:
-        macaw.sum_gradients_over_processes(model, optimizers)
+    optimizers, meta_step = macaw.meta_step_over_processes(model, 20, cfg)
     batches = synthetic_batches(cfg, tasks)[rank::world]
     for _ in range(3):  # warm-up
         meta_step(batches)
