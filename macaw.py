@@ -89,6 +89,7 @@ import json
 import math
 import multiprocessing
 import os
+import pickle
 import platform
 import signal
 import subprocess
@@ -136,7 +137,7 @@ def arg(default, help):
 @dataclass
 class Config:
     # --- what to run
-    env: str = arg("cheetah-dir", "benchmark: cheetah-dir, cheetah-vel, ant-dir, walker-params or point-robot")
+    env: str = arg("cheetah-dir", "benchmark: cheetah-dir, cheetah-vel, ant-dir, walker-params, point-robot or ml45")
     method: str = arg("macaw", "macaw, or a baseline of the paper: meta-bc or mt-awr (docs/comparisons.md)")
     seed: int = arg(1, "seed of meta-training and evaluation (the offline data has its own --data-seed)")
     steps: int = arg(-1, "meta-training steps; -1 = the benchmark's default (15000; point-robot 400)")
@@ -381,6 +382,9 @@ class PointRobot(gym.Env):
     def set_task(self, angle):
         self.goal = np.array([np.cos(angle), np.sin(angle)])
 
+    def expert(self, obs):  # the data collector's controller: straight to the goal
+        return np.clip(self.goal - obs, -0.1, 0.1)
+
     def reset(self, seed=None, options=None):
         self.pos, self.t = np.zeros(2), 0
         return self.pos.astype(np.float32), {}
@@ -390,6 +394,84 @@ class PointRobot(gym.Env):
         self.t += 1
         reward = -float(np.linalg.norm(self.pos - self.goal))
         return self.pos.astype(np.float32), reward, False, self.t >= 20, {}
+
+
+# Meta-World ML45, optional (pip install --no-deps -r requirements-ml45.txt). As the authors' ML45Env: one task per
+# class, the 45 training classes as training tasks and the 5 test classes held out, 150-step episodes, and the goal
+# in the observation (Meta-World's own ML45 zeroes those 3 numbers: docs/differences.md). Task k is class
+# ML45_CLASSES[k] (Meta-World's order), its one goal drawn once from a fixed seed.
+ML45_CLASSES = tuple(f"{name}-v3" for name in """assembly basketball button-press-topdown button-press-topdown-wall
+    button-press button-press-wall coffee-button coffee-pull coffee-push dial-turn disassemble door-close door-open
+    drawer-close drawer-open faucet-open faucet-close hammer handle-press-side handle-press handle-pull-side
+    handle-pull lever-pull pick-place-wall pick-out-of-hole push-back pick-place plate-slide plate-slide-side
+    plate-slide-back plate-slide-back-side peg-insert-side peg-unplug-side soccer stick-push stick-pull push-wall
+    push reach-wall reach shelf-place sweep-into sweep window-open window-close
+    bin-picking box-close hand-insert door-lock door-unlock""".split())
+ML45_SEED = 45  # task k's goal: np.random.default_rng([ML45_SEED, k])
+
+
+def import_metaworld():
+    """The metaworld package, with the MuJoCo 4 shim below in place; one line naming the install if missing."""
+    try:
+        import metaworld.env_dict
+        import metaworld.policies
+        import metaworld.sawyer_xyz_env
+    except ImportError:
+        raise UserError("--env ml45 needs Meta-World: pip install --no-deps -r requirements-ml45.txt") from None
+    metaworld.sawyer_xyz_env.SawyerMocapBase.reset_mocap_welds = reset_mocap_welds_mujoco4
+    warnings.filterwarnings("ignore", r"Constant\(s\) may be too high")  # (the scripted policies' own warning)
+    return metaworld
+
+
+def reset_mocap_welds_mujoco4(self):
+    """Meta-World 3.1.1's reset_mocap_welds, for MuJoCo 4. Meta-World pins MuJoCo 3.3.0, where a weld's data row has
+    11 numbers; MuJoCo 4 added a 12th, and Meta-World's 11-number write then fails. Same 11 numbers (anchor 0,
+    relative pose 0 with quaternion (-1, 0, 0, 0), torque scale 5) into the first 11 fields; the 12th keeps its
+    compiled value. test_the_metaworld_weld_shim_still_matches_metaworld checks the original is still this."""
+    if self.model.nmocap > 0 and self.model.eq_data is not None:
+        for i in np.flatnonzero(self.model.eq_type == mujoco.mjtEq.mjEQ_WELD):
+            self.model.eq_data[i, :11] = [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 5.0]
+
+
+class ML45Env(gym.Env):
+    """One Meta-World ML45 class per task, set by set_task(k). Observation 39-d (hand, gripper, objects, their
+    previous values, goal), action 4-d (hand motion, gripper), reward in [0, 10] per step. `successes` gets
+    Meta-World's success flag of every finished episode (did it succeed at any step); `expert` is the class's
+    scripted policy, which the data collector uses (section 8)."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (39,), np.float64)
+    action_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+
+    def __init__(self):
+        self.env, self.policy, self.successes, self.success = None, None, [], False
+
+    def set_task(self, task):
+        metaworld, k = import_metaworld(), int(task)
+        name = ML45_CLASSES[k]
+        split = "train" if name in metaworld.env_dict.ML45_V3["train"] else "test"
+        self.env = env = metaworld.env_dict.ML45_V3[split][name]()
+        space = env._random_reset_space  # where Meta-World draws this class's object and goal positions
+        goal = np.random.default_rng([ML45_SEED, k]).uniform(space.low, space.high)
+        kwargs = {key: v for key, v in metaworld.env_dict.ML45_ARGS_KWARGS[split][name]["kwargs"].items()
+                  if key != "task_id"}
+        data = dict(kwargs, rand_vec=goal, env_cls=type(env), partially_observable=False)  # the goal visible
+        env.set_task(metaworld.Task(env_name=name, data=pickle.dumps(data)))
+        env.max_path_length = 150
+        self.policy = metaworld.policies.ENV_POLICY_MAP[name]()
+
+    def reset(self, seed=None, options=None):  # (Meta-World's reset ignores the seed: one goal, one start)
+        self.success = False
+        return self.env.reset()
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self.success = self.success or bool(info["success"])
+        if terminated or truncated:
+            self.successes.append(self.success)
+        return obs, float(reward), terminated, truncated, info
+
+    def expert(self, obs):
+        return self.policy.get_action(obs)
 
 
 SAC_LR = 3e-4  # the SAC collectors' Adam learning rate (Haarnoja et al. 2018), unless a benchmark sets collector_lr
@@ -447,6 +529,9 @@ BENCHMARKS = {
     # 20 training goals, 5 held-out goals.
     "point-robot": Benchmark("point-robot", PointRobot, *_point_goals(), "scripted",
                              dict(steps=400, eval_every=100, collector_steps=2_000, collector_width=128)),
+    # Meta-World ML45 (see ML45Env): classes 0-44 train, 45-49 held out; scripted policies with noise make the data.
+    "ml45": Benchmark("ml45", ML45Env, tuple(range(50)), tuple(range(45)), tuple(range(45, 50)), "scripted",
+                      dict(steps=15_000, eval_every=1000, collector_steps=20_000, collector_width=128)),
 }
 
 
@@ -998,9 +1083,9 @@ def adapt_policy(model, batch, cfg):
 
 def evaluate(model, bench, task_data, cfg, gen, rollouts=1):
     """Per test task: the pre- and post-adaptation episode returns of `rollouts` adaptations (mean, and
-    each in pre_each / post_each); episodes last 200 steps (20 for point-robot) unless the agent falls.
+    each in pre_each / post_each); episodes last 200 steps (point-robot 20, ml45 150) unless the agent falls.
     Each adaptation uses a fresh random batch of eval_batch transitions and (1)-(4): one value step,
-    one policy step (the baselines adapt their own way, adapt_policy)."""
+    one policy step (the baselines adapt their own way, adapt_policy). ml45: each episode's success flag too."""
     pparams = model.params()[1]
     results = {}
     for k in bench.test_ids:
@@ -1013,6 +1098,8 @@ def evaluate(model, bench, task_data, cfg, gen, rollouts=1):
             pre.append(rollout(env, policy_actor(model.policy, pparams, cfg.device, task_data[k].code), env_seed))
             post.append(rollout(env, policy_actor(model.policy, adapted_p, cfg.device, task_data[k].code), env_seed))
         results[k] = dict(pre=float(np.mean(pre)), post=float(np.mean(post)), pre_each=pre, post_each=post)
+        if hasattr(env, "successes"):  # (episodes alternate: pre, post)
+            results[k].update(pre_success=env.successes[0::2], post_success=env.successes[1::2])
     return results
 
 
@@ -1252,11 +1339,12 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
 
 
 def collect_scripted(env, steps, seed):
-    """Point-robot collector: a go-to-goal controller whose action noise anneals from pure noise to
-    none over the data, so the data spans random to competent behaviour like a replay buffer."""
+    """Scripted collector (point-robot, ml45): the env's expert controller, its action mixed with uniform noise,
+    a = (1 - n) expert + n noise, where n anneals from 1 (pure noise) to 0 (the expert) over the data: every level
+    in between is equally common, so the data spans random to competent behaviour like a replay buffer."""
     rng = np.random.default_rng(seed)
     low, high = env.action_space.low, env.action_space.high
-    expert = lambda o: np.clip(env.goal - o, low, high)
+    expert = lambda o: np.clip(env.expert(o), low, high)
     buf = {k: [] for k in BUFFER_KEYS}
     obs, _ = env.reset(seed=seed)
     for t in range(steps):
@@ -1351,21 +1439,35 @@ def read_minari(name):
     return data
 
 
-def collect_group(bench_name, task_ids, steps, seed, width, shared, lr, paths, checkpoint, position):
-    """Worker process: collect a group of SAC tasks in lock-step (checkpointed), write each task's file.
-    It stops by itself (after saving its checkpoint) if the process that started it is gone."""
+def collect_scripted_tasks(bench, task_ids, steps, seeds, paths, should_stop=lambda: False, position=0):
+    """Scripted tasks one after another, each task's file written when it is done: a stopped collection keeps
+    the tasks it finished, and the same command makes only the rest."""
+    for k, seed, path in zip(tqdm(task_ids, desc="scripted tasks", position=position, leave=True), seeds, paths):
+        if should_stop():
+            raise Interrupted(f"data collection stopped before task {k}; the tasks before it are kept")
+        env = make_task_env(bench, k)
+        write_task_data(bench, k, env, collect_scripted(env, steps, seed), seed, path)
+
+
+def collect_group(bench_name, task_ids, steps, seeds, width, shared, lr, paths, checkpoint, position):
+    """Worker process: collect a group of tasks and write each task's file. SAC tasks train in lock-step
+    (checkpointed, seeded by the group's first seed); scripted ones run one after another. It stops by
+    itself (SAC: after saving its checkpoint) if the process that started it is gone."""
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent ends us
     bench = BENCHMARKS[bench_name]
     parent = os.getppid()
+    orphaned = lambda: os.getppid() != parent
     try:
         with mujoco_warnings():
+            if bench.collector != "sac":
+                return collect_scripted_tasks(bench, task_ids, steps, seeds, paths, orphaned, position)
             envs = [make_task_env(bench, k) for k in task_ids]
-            datas = collect_sac(envs, steps, seed, checkpoint, should_stop=lambda: os.getppid() != parent,
+            datas = collect_sac(envs, steps, seeds[0], checkpoint, should_stop=orphaned,
                                 width=width, position=position, shared=shared, lr=lr)
             for k, env, data, path in zip(task_ids, envs, datas, paths):
                 write_task_data(bench, k, env, dict(data, collector_width=width, collector_shared=shared,
-                                                    collector_lr=lr), seed, path)
+                                                    collector_lr=lr), seeds[0], path)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -1411,18 +1513,14 @@ def generate_tasks(cfg, bench, task_ids, stop=()):
              if bench.collector == "sac" else "")
     print(f"Generating offline data for {len(task_ids)} {cfg.env} task(s) in {folder}/ "
           f"({bench.collector}{width} collector, {cfg.collector_steps} steps each; done once, reused later)")
-    if bench.collector != "sac":
-        for k in task_ids:
-            env = make_task_env(bench, k)
-            seed = task_seed(cfg, k)
-            write_task_data(bench, k, env, collect_scripted(env, cfg.collector_steps, seed), seed,
-                            task_data_path(cfg, k))
-        return
+    if bench.collector != "sac" and len(task_ids) * cfg.collector_steps <= 100_000:  # point-robot: a second
+        return collect_scripted_tasks(bench, task_ids, cfg.collector_steps, [task_seed(cfg, k) for k in task_ids],
+                                      [task_data_path(cfg, k) for k in task_ids])
     cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # (torchrun: per process)
     groups = [g.tolist() for g in np.array_split(task_ids, min(cores, len(task_ids)))]
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=collect_group, daemon=True,
-                               args=(cfg.env, group, cfg.collector_steps, task_seed(cfg, group[0]),
+                               args=(cfg.env, group, cfg.collector_steps, [task_seed(cfg, k) for k in group],
                                      cfg.collector_width, shared, cfg.collector_lr,
                                      [task_data_path(cfg, k) for k in group],
                                      folder / f"collector-tasks{group[0]}-{group[-1]}-width{cfg.collector_width}"
@@ -1646,12 +1744,17 @@ def summarize(cfg, bench, task_data, final_eval, wall_time, data_time, run_versi
                              random_return=d.random_return, pre_return=res["pre"], post_return=res["post"],
                              normalized=normalized_score(res["post"], d), pre_returns=res["pre_each"],
                              post_returns=res["post_each"], share_half=float(np.mean(np.array(each) >= 0.5)))
+        if "pre_success" in res:  # ml45: the class, and the share of its episodes that succeeded
+            tasks[str(k)].update(name=ML45_CLASSES[int(bench.tasks[k])], pre_success=float(np.mean(res["pre_success"])),
+                                 post_success=float(np.mean(res["post_success"])), post_successes=res["post_success"])
+    success = {f"{when}_success": float(np.mean([t[f"{when}_success"] for t in tasks.values()]))
+               for when in ("pre", "post") if all(f"{when}_success" in t for t in tasks.values())}
     return dict(env=cfg.env, method=cfg.method, seed=cfg.seed, steps=cfg.steps, wall_time_s=round(wall_time, 1),
                 data_time_s=round(data_time, 1), commit=run_versions["commit"],
                 command=command_line(cfg, bench), final_eval_rollouts=cfg.final_eval_rollouts,
                 mean_normalized=float(np.mean([t["normalized"] for t in tasks.values()])),
                 mean_post_return=float(np.mean([t["post_return"] for t in tasks.values()])),
-                share_half=float(np.mean([t["share_half"] for t in tasks.values()])),
+                share_half=float(np.mean([t["share_half"] for t in tasks.values()])), **success,
                 tasks=tasks, versions=run_versions)
 
 
@@ -1663,13 +1766,17 @@ def print_summary(summary):
     print(f"{'task':>12} {'collector':>10} {'random':>9} {'pre-adapt':>10} {'adapted':>9} "
           f"{'(min .. max)':>17} {'normalised':>11} {'>= 0.5':>7}")
     for k, t in summary["tasks"].items():
-        name = f"{k} ({t['task']:+.2f})"
+        name = t.get("name", f"{k} ({t['task']:+.2f})")
         spread = f"({min(t['post_returns']):.0f} .. {max(t['post_returns']):.0f})"
         print(f"{name:>12} {t['collector_return']:10.1f} {t['random_return']:9.1f} "
               f"{t['pre_return']:10.1f} {t['post_return']:9.1f} {spread:>17} {t['normalized']:11.2f} "
               f"{t['share_half']:7.0%}")
     print(f"mean adapted return {summary['mean_post_return']:.1f}; mean normalised score "
           f"{summary['mean_normalized']:.2f}; adaptations reaching half the collector's: {summary['share_half']:.0%}")
+    if "post_success" in summary:
+        print(f"success rate (Meta-World's flag, share of episodes): {summary['pre_success']:.0%} before adaptation, "
+              f"{summary['post_success']:.0%} adapted; per class: " + ", ".join(
+                  f"{t['name']} {t['pre_success']:.0%} -> {t['post_success']:.0%}" for t in summary["tasks"].values()))
 
 
 def load_resume_config(cfg):

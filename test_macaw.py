@@ -4,13 +4,16 @@ Run with `pytest` (the README's command also executes tutorial.ipynb).
 """
 import dataclasses
 import gc
+import inspect
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import mujoco
 import numpy as np
 import pytest
 import torch
@@ -1680,3 +1683,88 @@ def test_minari_missing_is_one_line_naming_the_install(tmp_path, monkeypatch, ca
     assert len(err) == 1 and "pip install -r requirements-optional.txt" in err[0]
     assert macaw.main(["--env", "point-robot", "--data-source", "minari", "--out", str(tmp_path)]) == 2
     assert "requirements-optional.txt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------
+# Meta-World ML45 (optional: pip install --no-deps -r requirements-ml45.txt; CI installs it).
+# ------------------------------------------------------------------------------------------------
+def metaworld_or_skip():
+    return pytest.importorskip("metaworld", reason="Meta-World is optional: pip install --no-deps -r requirements-ml45.txt")
+
+
+def test_the_metaworld_weld_shim_still_matches_metaworld():
+    """reset_mocap_welds_mujoco4 replaces Meta-World 3.1.1's reset_mocap_welds. If Meta-World changes it (or its
+    version), this fails: compare the new original with the shim before trusting ml45 results."""
+    metaworld_or_skip()
+    from importlib.metadata import version
+    original = inspect.getsource(__import__("metaworld.sawyer_xyz_env").sawyer_xyz_env.SawyerMocapBase.reset_mocap_welds)
+    assert version("metaworld") == "3.1.1" and "[0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 5.0]" in \
+        " ".join(original.split()).replace("[ ", "[").replace(" ]", "]"), (
+        "Meta-World's reset_mocap_welds is not the one macaw.reset_mocap_welds_mujoco4 replaces: compare them "
+        "(or pin metaworld==3.1.1)")
+    macaw.import_metaworld()
+    original = __import__("metaworld.sawyer_xyz_env").sawyer_xyz_env.SawyerMocapBase.reset_mocap_welds
+    assert original is macaw.reset_mocap_welds_mujoco4
+    env = macaw.make_task_env(macaw.BENCHMARKS["ml45"], 0)  # builds (it did not on MuJoCo 4 before the shim) ...
+    weld = env.env.model.eq_type == mujoco.mjtEq.mjEQ_WELD
+    assert weld.any() and np.allclose(env.env.model.eq_data[weld, :11], [0, 0, 0, 0, 0, 0, -1, 0, 0, 0, 5])
+
+
+def test_ml45_classes_are_metaworlds_and_held_out_classes_never_reach_meta_training():
+    metaworld = metaworld_or_skip()
+    macaw.import_metaworld()
+    bench = macaw.BENCHMARKS["ml45"]
+    ml45 = metaworld.env_dict.ML45_V3
+    assert [macaw.ML45_CLASSES[k] for k in bench.train_ids] == list(ml45["train"])
+    assert [macaw.ML45_CLASSES[k] for k in bench.test_ids] == list(ml45["test"])
+    # meta-batches come from the training ids only (task_data holds every task, as in a run)
+    data = {k: SimpleNamespace(contiguous_batch=lambda n, gen, k=k: k, random_batch=lambda n, gen, k=k: k)
+            for k in bench.tasks}
+    cfg, gen = small_config(), torch.Generator().manual_seed(0)
+    drawn = {k for _ in range(300) for k, _ in macaw.sample_meta_batch(data, bench.train_ids, cfg, gen)}
+    assert drawn == set(bench.train_ids)
+
+
+def test_an_ml45_task_switch_changes_the_class_and_the_data_are_what_the_env_returns():
+    metaworld_or_skip()
+    bench = macaw.BENCHMARKS["ml45"]
+    env = bench.make_env()
+    first = {}
+    for k in (0, 45, 0):
+        env.set_task(k)
+        assert type(env.env) is type(macaw.make_task_env(bench, k).env) and env.env.max_path_length == 150
+        first.setdefault(k, env.reset()[0])
+        assert np.array_equal(env.reset()[0], first[k])  # one goal per class, one start
+    assert type(macaw.make_task_env(bench, 0).env).__name__ != type(macaw.make_task_env(bench, 45).env).__name__
+    assert not np.allclose(first[0], first[45]) and np.any(first[45][-3:] != 0)  # the goal is in the observation
+    returned, step, reset = [], env.step, env.reset  # what the env hands the collector, recorded as it goes
+    env.step = lambda a: returned.append((a, *step(a))) or returned[-1][1:]
+    env.reset = lambda **kw: returned.append((None, *reset(**kw))) or returned[-1][1:]
+    data = macaw.collect_scripted(env, 300, seed=0)  # two 150-step episodes
+    assert data["truncations"].nonzero()[0].tolist() == [149, 299] and not data["terminations"].any()
+    steps = [r for r in returned if r[0] is not None][:300]
+    starts = [r[1] for r in returned if r[0] is None]
+    f32 = lambda x: np.asarray(x, np.float32)
+    assert np.array_equal(data["observations"][[0, 150]], f32(starts[:2]))
+    assert np.array_equal(data["actions"], f32([a for a, *_ in steps]))
+    assert np.array_equal(data["next_observations"], f32([o for _, o, *_ in steps]))
+    assert np.array_equal(data["observations"][1:150], data["next_observations"][:149])
+    assert np.array_equal(data["rewards"], f32([r for _, _, r, *_ in steps]))
+    assert len(env.successes) >= 2  # (the two episodes, then the collector's and the random policy's)
+
+
+def test_a_tiny_ml45_run_reports_success_rates(tmp_path, monkeypatch, capsys):
+    """Through the CLI, on 2 training classes and 1 held-out one (the full benchmark makes 50 classes' data)."""
+    metaworld_or_skip()
+    bench = macaw.BENCHMARKS["ml45"]
+    monkeypatch.setitem(macaw.BENCHMARKS, "ml45", dataclasses.replace(bench, tasks=(0, 1, 45), train_ids=(0, 1),
+                                                                       test_ids=(2,)))
+    assert macaw.main(["--env", "ml45", "--steps", "4", "--eval-every", "2", "--collector-steps", "300",
+                       "--inner-batch", "32", "--outer-batch", "32", "--eval-batch", "32", "--net-width", "16",
+                       "--latent-dim", "4", "--eval-rollouts", "1", "--final-eval-rollouts", "2",
+                       "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs")]) == 0
+    summary = json.loads((tmp_path / "runs" / "ml45-seed1" / "summary.json").read_text())
+    task = summary["tasks"]["2"]
+    assert task["name"] == "bin-picking-v3" and len(task["post_successes"]) == 2
+    assert 0 <= summary["pre_success"] <= 1 and 0 <= summary["post_success"] <= 1
+    assert "success rate" in capsys.readouterr().out

@@ -59,9 +59,49 @@ def summary_table():
                      f"{np.mean([s['share_half'] for s in runs]):.0%}",
                      f"{np.mean([s['mean_post_return'] for s in untrained]):.0f}",
                      f"{mean} ± {std}"])
+    if seed_summaries("ml45"):  # no published figure; its success rates: docs/results.md
+        runs, untrained = seed_summaries("ml45"), seed_summaries("ml45", "untrained-seed")
+        post = [s["mean_post_return"] for s in runs]
+        rows.append(["`ml45`", f"{task_mean(runs[0], 'collector_return'):.0f}",
+                     pm([task_mean(s, 'pre_return') for s in runs]),
+                     f"**{pm(post)}** ({' / '.join(f'{p:.0f}' for p in post)})",
+                     pm([s["mean_normalized"] for s in runs], "{:.2f}"),
+                     f"{np.mean([s['share_half'] for s in runs]):.0%}",
+                     f"{np.mean([s['mean_post_return'] for s in untrained]):.0f}" if untrained else "", "none"])
     return table(["benchmark", "collectors (test tasks)", "pre-adaptation", "adapted, 3 seeds (per seed)",
                   "normalised", "adaptations ≥ half the collector", "no meta-training, adapted",
                   "published MACAW"], rows)
+
+
+# ---- ML45 (docs/results.md): the held-out classes' success rate and return, per method
+ML45_METHODS = (("MACAW", "seed"), ("MT-AWR + fine-tuning", "mt-awr-seed"), ("Meta-BC", "meta-bc-seed"))
+
+
+def ml45_table():
+    rows = []
+    for method, prefix in ML45_METHODS:
+        runs = seed_summaries("ml45", prefix)
+        if runs:
+            rate = lambda key: f"{pm([100 * s[key] for s in runs])}% ({' / '.join(f'{100 * s[key]:.0f}' for s in runs)})"
+            rows.append([method, len(runs), rate("pre_success"), f"**{rate('post_success')}**",
+                         pm([task_mean(s, "pre_return") for s in runs]), pm([s["mean_post_return"] for s in runs]),
+                         pm([s["mean_normalized"] for s in runs], "{:.2f}"),
+                         f"{np.mean([s['wall_time_s'] for s in runs]) / 60:.0f}"])
+    return table(["method", "seeds", "success before adaptation (per seed)", "success adapted (per seed)",
+                  "return before", "return adapted", "normalised", "minutes per run"], rows)
+
+
+def ml45_class_table():
+    runs = seed_summaries("ml45")
+    rows = []
+    for k, t in runs[0]["tasks"].items():
+        per_seed = lambda key, fmt: " / ".join(fmt(s["tasks"][k][key]) for s in runs)
+        rows.append([t["name"], f"{t['collector_return']:.0f}", f"{t['random_return']:.0f}",
+                     per_seed("pre_success", lambda x: f"{100 * x:.0f}%"),
+                     per_seed("post_success", lambda x: f"{100 * x:.0f}%"),
+                     per_seed("pre_return", lambda x: f"{x:.0f}"), per_seed("post_return", lambda x: f"{x:.0f}")])
+    return table(["held-out class", "scripted policy", "random", "success before, per seed",
+                  "success adapted, per seed", "return before, per seed", "return adapted, per seed"], rows)
 
 
 def seed_table(env):
@@ -271,7 +311,7 @@ TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": u
           "speed h100-compiled": lambda: speed_table("meta_step_h100_compiled.json"),
           "memory": lambda: memory_table("meta_step_epyc.json"), "authors": authors_table,
           "torchrun epyc": lambda: torchrun_table("torchrun_epyc.json"), "td-refresh": td_refresh_table,
-          "collector-designs": collector_designs_table}
+          "collector-designs": collector_designs_table, "ml45": ml45_table, "ml45 classes": ml45_class_table}
 START, END = "<!-- table ", "<!-- end table -->"
 
 
