@@ -407,7 +407,7 @@ ML45_CLASSES = tuple(f"{name}-v3" for name in """assembly basketball button-pres
     plate-slide-back plate-slide-back-side peg-insert-side peg-unplug-side soccer stick-push stick-pull push-wall
     push reach-wall reach shelf-place sweep-into sweep window-open window-close
     bin-picking box-close hand-insert door-lock door-unlock""".split())
-ML45_SEED = 45  # task k's goal: np.random.default_rng([ML45_SEED, k])
+ML45_SEED = 45  # task k's goal is drawn with the env seeded by ML45_SEED * 1000 + k
 
 
 def import_metaworld():
@@ -450,8 +450,12 @@ class ML45Env(gym.Env):
         name = ML45_CLASSES[k]
         split = "train" if name in metaworld.env_dict.ML45_V3["train"] else "test"
         self.env = env = metaworld.env_dict.ML45_V3[split][name]()
-        space = env._random_reset_space  # where Meta-World draws this class's object and goal positions
-        goal = np.random.default_rng([ML45_SEED, k]).uniform(space.low, space.high)
+        # the goal (object and target positions), drawn as Meta-World draws its tasks' (reset() with the positions
+        # unfrozen: some classes redraw until they are far enough apart), from this class's seed
+        env._freeze_rand_vec, env.seeded_rand_vec, env._set_task_called = False, True, True
+        env.seed(ML45_SEED * 1000 + k)
+        env.reset()
+        goal = env._last_rand_vec
         kwargs = {key: v for key, v in metaworld.env_dict.ML45_ARGS_KWARGS[split][name]["kwargs"].items()
                   if key != "task_id"}
         data = dict(kwargs, rand_vec=goal, env_cls=type(env), partially_observable=False)  # the goal visible
@@ -1517,7 +1521,8 @@ def generate_tasks(cfg, bench, task_ids, stop=()):
         return collect_scripted_tasks(bench, task_ids, cfg.collector_steps, [task_seed(cfg, k) for k in task_ids],
                                       [task_data_path(cfg, k) for k in task_ids])
     cores = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # (torchrun: per process)
-    groups = [g.tolist() for g in np.array_split(task_ids, min(cores, len(task_ids)))]
+    # one worker per core, each with a group of tasks; a shared agent serves at least two (one task: per-task)
+    groups = [g.tolist() for g in np.array_split(task_ids, max(1, min(cores, len(task_ids) // (2 if shared else 1))))]
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=collect_group, daemon=True,
                                args=(cfg.env, group, cfg.collector_steps, [task_seed(cfg, k) for k in group],

@@ -55,6 +55,7 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--update-every", type=int, default=1)
     parser.add_argument("--width", type=int, default=-1)
+    parser.add_argument("--shared", action="store_true", help="one task-conditioned agent for all the tasks")
     parser.add_argument("--lr", type=float, default=macaw.SAC_LR, help="the SAC agents' Adam learning rate")
     parser.add_argument("--data-dir", default="data", help="where the data to compare with are")
     parser.add_argument("--data-lr", type=float, default=-1, help="their collectors' learning rate (-1: the default)")
@@ -68,9 +69,10 @@ if __name__ == "__main__":
     envs = [macaw.make_task_env(bench, k) for k in ids]
     start = time.perf_counter()
     datas = macaw.collect_sac(envs, args.steps, macaw.task_seed(cfg, ids[0]), width=cfg.collector_width,
-                              update_every=args.update_every, lr=args.lr)
+                              update_every=args.update_every, lr=args.lr, shared=args.shared)
     wall = time.perf_counter() - start
     record = dict(name=args.name, env=args.env, task_ids=ids, steps=args.steps, update_every=args.update_every,
+                  shared=args.shared,
                   lr=args.lr, width=cfg.collector_width, wall_min=round(wall / 60, 2),
                   collector_return=[float(d["collector_return"]) for d in datas],
                   curve_every=5000, curves=[buffer_curve(d) for d in datas], default_data=default_data(cfg, ids),
