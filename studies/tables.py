@@ -17,9 +17,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
+sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "studies"))
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ENVS = ("cheetah-dir", "cheetah-vel", "ant-dir", "walker-params")
+import macaw  # noqa: E402
 from comparison import PUBLISHED  # noqa: E402  (MACAW as re-run by UNICORN: a published reference)
 
 
@@ -296,6 +298,34 @@ def collector_designs_table():
                   "collector return, mean (min .. max)", "random"], rows)
 
 
+def cheetah_dir_collectors_table():
+    """cheetah-dir's collector recipes: CPU time (one sitting, speed/collector_cost.py) and data quality."""
+    cost = {(r["steps"], r["lr"], r["width"], r["shared"]): r for r in
+            load(RESULTS / "speed" / "collector_cost_cheetah-dir.json")["recipes"]}
+    old = load(RESULTS / "cheetah-dir" / "collector_curves.json")
+    runs = [dict(steps=old["collector_steps"], lr=3e-4, width=old["collector_width"], shared=False,
+                 collector_return=old["collector_return"], curves=old["per_task_episode_return"], curve_every=15000)]
+    runs += [load(RESULTS / "studies" / f"collector_budget_cheetah-dir_{n}.json")
+             for n in ("lr1e-3-90k", "lr1e-3-w64-150k", "lr1e-3-shared-200k")]
+    default = macaw.BENCHMARKS["cheetah-dir"].defaults
+    rows = []
+    for r in runs:
+        # the default is the first `collector_steps` steps of the 200k shared run (the same seed and code path)
+        stops = [r["steps"]] + ([default["collector_steps"]] if r["shared"] and r["steps"] > default["collector_steps"] else [])
+        for steps in sorted(stops):
+            c = cost.get((steps, r["lr"], r["width"], r["shared"]))
+            end = lambda curve: curve[steps // r["curve_every"] - 1]
+            rows.append(["one for both directions" if r["shared"] else "one per direction", f"{r['lr']:g}", r["width"],
+                         f"{steps // 1000}k" + (" (**default**)" if (steps, r["lr"], r["width"]) == (
+                             default["collector_steps"], default["collector_lr"], default["collector_width"]) else ""),
+                         f"{c['cpu_min']:.0f}" if c else "", f"{c['of_first']:.2f}" if c else "",
+                         " / ".join(f"{x:.0f}" for x in r["collector_return"]) if steps == r["steps"] else "",
+                         " / ".join(f"{end(curve):.0f}" for curve in r["curves"])])
+    return table(["SAC agents", "learning rate", "width", "env steps per direction", "CPU minutes, both directions",
+                  "of 300k at 3e-4", "collector return (forward / backward)",
+                  "buffer's last episodes (forward / backward)"], rows)
+
+
 TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": untrained_table,
           **{f"seeds {e}": (lambda e=e: seed_table(e)) for e in ENVS},
           **{f"tasks {e}": (lambda e=e: task_table(e)) for e in ENVS},
@@ -311,7 +341,8 @@ TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": u
           "speed h100-compiled": lambda: speed_table("meta_step_h100_compiled.json"),
           "memory": lambda: memory_table("meta_step_epyc.json"), "authors": authors_table,
           "torchrun epyc": lambda: torchrun_table("torchrun_epyc.json"), "td-refresh": td_refresh_table,
-          "collector-designs": collector_designs_table, "ml45": ml45_table, "ml45 classes": ml45_class_table}
+          "collector-designs": collector_designs_table, "ml45": ml45_table, "ml45 classes": ml45_class_table,
+          "cheetah-dir collectors": cheetah_dir_collectors_table}
 START, END = "<!-- table ", "<!-- end table -->"
 
 
