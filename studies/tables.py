@@ -308,18 +308,21 @@ def cheetah_dir_collectors_table():
     runs += [load(RESULTS / "studies" / f"collector_budget_cheetah-dir_{n}.json")
              for n in ("lr1e-3-90k", "lr1e-3-w64-150k", "lr1e-3-shared-200k")]
     default = macaw.BENCHMARKS["cheetah-dir"].defaults
+    first_run = load(RESULTS / "cheetah-dir" / "first-run.json")  # (made the default data: its collectors' returns)
     rows = []
     for r in runs:
         # the default is the first `collector_steps` steps of the 200k shared run (the same seed and code path)
-        stops = [r["steps"]] + ([default["collector_steps"]] if r["shared"] and r["steps"] > default["collector_steps"] else [])
+        stops = [r["steps"]] + ([default["collector_steps"]] if r.get("shared") and r["steps"] > default["collector_steps"] else [])
         for steps in sorted(stops):
-            c = cost.get((steps, r["lr"], r["width"], r["shared"]))
+            c = cost.get((steps, r["lr"], r["width"], r.get("shared", False)))
             end = lambda curve: curve[steps // r["curve_every"] - 1]
-            rows.append(["one for both directions" if r["shared"] else "one per direction", f"{r['lr']:g}", r["width"],
+            rows.append(["one for both directions" if r.get("shared") else "one per direction",
+                         f"{r['lr']:.0e}".replace("e-0", "e-"), r["width"],
                          f"{steps // 1000}k" + (" (**default**)" if (steps, r["lr"], r["width"]) == (
                              default["collector_steps"], default["collector_lr"], default["collector_width"]) else ""),
                          f"{c['cpu_min']:.0f}" if c else "", f"{c['of_first']:.2f}" if c else "",
-                         " / ".join(f"{x:.0f}" for x in r["collector_return"]) if steps == r["steps"] else "",
+                         " / ".join(f"{x:.0f}" for x in (r["collector_return"] if steps == r["steps"] else
+                                                         first_run["collector_return"])),
                          " / ".join(f"{end(curve):.0f}" for curve in r["curves"])])
     return table(["SAC agents", "learning rate", "width", "env steps per direction", "CPU minutes, both directions",
                   "of 300k at 3e-4", "collector return (forward / backward)",
