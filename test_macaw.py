@@ -1228,7 +1228,8 @@ def test_sigterm_during_data_generation_stops_every_worker(tmp_path):
     import signal
     env = dict(os.environ, PYTHONPATH=str(HERE))
     proc = subprocess.Popen([sys.executable, str(HERE / "macaw.py"), "--env", "cheetah-dir", "--collector-steps",
-                             "100000"], cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "100000", "--collector-design", "per-task"],  # (per-task: 2 workers)
+                            cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         wait_for(lambda: len(spawned_children(proc.pid)) == 2)
         workers = spawned_children(proc.pid)
