@@ -511,8 +511,8 @@ WALKER_SEED = 2021  # walker-params: task k's physics are drawn from np.random.d
 
 BENCHMARKS = {
     # Official split: 2 tasks, test tasks = train tasks. One task-conditioned SAC agent for both directions at
-    # learning rate 1e-3, 180k steps: data as strong as two per-direction agents' at 3e-4 and 300k steps, for
-    # about a third of the CPU time (docs/data.md).
+    # learning rate 1e-3, 180k steps: data about as strong on average as two per-direction agents' at 3e-4 and
+    # 300k steps (forward stronger, backward weaker), for about a third of the CPU time (docs/data.md).
     "cheetah-dir": Benchmark("cheetah-dir", CheetahDir, (1.0, -1.0), (0, 1), (0, 1), "sac",
                              dict(steps=15_000, eval_every=500, collector_steps=180_000, collector_width=128,
                                   collector_lr=1e-3, collector_design="shared")),
