@@ -972,8 +972,10 @@ def meta_losses(model, batches, cfg):
 # zeros, and the weights are fine-tuned on the test batch with a few Adam steps.
 def multitask_losses(model, vparams, pparams, batch, cfg):
     """One task's MT-AWR losses: V regresses R_t + gamma^(H-t) V(s_H) (the tail from V itself, no gradient
-    through it), the policy takes plain AWR (3) with advantages (2) from V."""
-    target = bootstrapped_return(model.value, {k: v.detach() for k, v in vparams.items()}, batch).detach()
+    through it; --value-target td-lambda: the batch's lambda-returns, which only the online fine-tuning study
+    gives), the policy takes plain AWR (3) with advantages (2) from V."""
+    target = (batch["lambda_return"] if cfg.value_target == "td-lambda"
+              else bootstrapped_return(model.value, {k: v.detach() for k, v in vparams.items()}, batch).detach())
     adv = advantages(model.value, vparams, batch)
     return dict(outer_value=value_loss(model.value, vparams, batch, target),
                 outer_policy=awr_policy_loss(model.policy, pparams, batch, adv, cfg))

@@ -1335,6 +1335,12 @@ def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path, monkeypa
         for (steps, returns), in res["curves"].values():
             assert len(returns) == 3 and steps[0] == 0 and steps[2] > steps[1] > 0  # 2 episodes of up to 20 steps
     assert (tmp_path / "online_finetune_point-robot.png").stat().st_size > 0
+    online_finetune.main([runs[0], runs[2], "--episodes", "1", "--repeats", "1", "--targets", "mc", "0.9", "--name", "td",
+                          "--data-dir", str(tmp_path / "data"), "--results", str(tmp_path)])
+    td = json.loads((tmp_path / "td_point-robot.json").read_text())["runs"]
+    assert sorted(online_finetune.method_returns(td)) == ["macaw", "macaw, TD(λ = 0.9)", "mt-awr", "mt-awr, TD(λ = 0.9)"]
+    with pytest.raises(SystemExit, match="meta-bc"):
+        online_finetune.main([runs[1], "--targets", "0.9", "--data-dir", str(tmp_path / "data"), "--results", str(tmp_path)])
     import tables
     folder = tmp_path / "tables" / "studies"
     folder.mkdir(parents=True)
@@ -1651,6 +1657,40 @@ def test_td_lambda_takes_the_outer_value_target_in_every_form_and_mc_is_unchange
     assert macaw.main(["--resume", str(tmp_path / "runs" / "td-resumed"), "--steps", "4"]) == 0
     assert read_log_without_timing(tmp_path / "runs" / "td-resumed" / "log.jsonl") == logs["td"]
     assert macaw.main([*TINY, *places, "--value-target", "td-lambda", "--method", "meta-bc"]) == 2
+
+
+def test_online_fine_tuning_td_targets_are_lambda_returns_of_each_online_episode():
+    """studies/online_finetune.py with --targets LAMBDA: the online rows' value targets are lambda_returns over
+    their own episodes from the current V (lambda = 1: (5)'s bootstrapped target, lambda = 0: one-step TD, no
+    bootstrap after a fall), the offline rows keep (5)'s target, and the Adam steps regress V onto them."""
+    sys.path.insert(0, str(HERE / "studies"))
+    import online_finetune
+    rng = np.random.default_rng(0)
+    def episode(n, fell):
+        return dict(observations=rng.normal(size=(n, 5)).astype(np.float32), actions=rng.uniform(-1, 1, (n, 2)).astype(np.float32),
+                    rewards=rng.normal(size=n).astype(np.float32), next_observations=rng.normal(size=(n, 5)).astype(np.float32),
+                    terminations=np.arange(n) == n - 1 if fell else np.zeros(n, bool),
+                    truncations=np.zeros(n, bool) if fell else np.arange(n) == n - 1)
+    episodes, offline = [episode(6, fell=False), episode(4, fell=True)], random_batch(8)
+    torch.manual_seed(0)
+    model = macaw.MACAW(5, 2, small_config())
+    vparams = model.params()[0]
+    V = lambda obs: torch.func.functional_call(model.value, vparams, (torch.as_tensor(obs),)).detach()
+    mc = online_finetune.adaptation_data(model, vparams, offline, episodes, small_config(), None)
+    assert "lambda_return" not in mc and len(mc["obs"]) == 8 + 10
+    one, zero = (online_finetune.adaptation_data(model, vparams, offline, episodes,
+                                                 small_config(value_target="td-lambda", td_lambda=lam), None)
+                 for lam in (1.0, 0.0))
+    bootstrapped = mc["mc_return"] + mc["terminal_discount"] * V(mc["terminal_obs"])
+    torch.testing.assert_close(one["lambda_return"], bootstrapped)  # offline rows and both online episodes
+    rewards, next_obs = (np.concatenate([e[k] for e in episodes]) for k in ("rewards", "next_observations"))
+    not_fallen = torch.tensor([1.0] * 9 + [0.0])
+    torch.testing.assert_close(zero["lambda_return"][8:], torch.as_tensor(rewards) + 0.99 * not_fallen * V(next_obs))
+    torch.testing.assert_close(zero["lambda_return"][:8], bootstrapped[:8])
+    cfg = small_config(value_target="td-lambda", finetune_steps=1)
+    moved = macaw.finetune(model, zero, cfg)[0]
+    loss = lambda vp: macaw.value_loss(model.value, vp, zero, zero["lambda_return"]).item()
+    assert loss(moved) < loss(vparams)
 
 
 # ------------------------------------------------------------------------------------------------
