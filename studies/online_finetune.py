@@ -24,6 +24,7 @@ Monte-Carlo target):
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,14 +139,15 @@ def main(argv=None):
         for target in args.targets:
             cfg = dataclasses.replace(cfg, value_target="mc" if target == "mc" else "td-lambda",
                                       td_lambda=cfg.td_lambda if target == "mc" else float(target))
-            curves = {}
+            curves, start = {}, time.perf_counter()
             for k in bench.test_ids:
                 env = macaw.make_task_env(bench, k)
                 curves[str(k)] = [online_curve(model, cfg, data[k], env, args.episodes, args.inner_steps, seed, args.rule)
                                   for seed in range(args.repeats)]
             key = str(run) if target == "mc" else f"{run} td{target}"
             results[key] = dict(env=cfg.env, method=cfg.method, seed=cfg.seed, target=target, curves=curves,
-                                collector={str(k): data[k].collector_return for k in bench.test_ids})
+                                collector={str(k): data[k].collector_return for k in bench.test_ids},
+                                wall_time_s=time.perf_counter() - start)
             mean = np.mean([r for c in curves.values() for _, r in c], axis=0)
             print(f"{run} ({series(results[key])}): mean return over test tasks after 0, 1, ... online episodes: "
                   + " ".join(f"{x:.0f}" for x in mean))
