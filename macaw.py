@@ -1637,8 +1637,10 @@ def versions():
         mujoco_version = mujoco.__version__
     except ImportError:
         mujoco_version = None
+    from importlib.metadata import version
+    optional = {name: version(name) for name in ("metaworld", "minari") if name in sys.modules}  # if used
     return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
-                gymnasium=gym.__version__, mujoco=mujoco_version, machine=platform.machine(),
+                gymnasium=gym.__version__, mujoco=mujoco_version, **optional, machine=platform.machine(),
                 cpus=os.cpu_count(), commit=git_commit())
 
 

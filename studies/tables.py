@@ -86,14 +86,16 @@ def ml45_table():
 
 def ml45_class_table():
     runs = seed_summaries("ml45")
+    scripted = load(RESULTS / "ml45" / "scripted.json")["classes"]  # studies/ml45_scripted.py
     rows = []
     for k, t in runs[0]["tasks"].items():
         per_seed = lambda key, fmt: " / ".join(fmt(s["tasks"][k][key]) for s in runs)
-        rows.append([t["name"], f"{t['collector_return']:.0f}", f"{t['random_return']:.0f}",
+        success = "succeeds" if scripted[k]["scripted_success"] else "fails"
+        rows.append([t["name"], f"{t['collector_return']:.0f}, {success}", f"{t['random_return']:.0f}",
                      per_seed("pre_success", lambda x: f"{100 * x:.0f}%"),
                      per_seed("post_success", lambda x: f"{100 * x:.0f}%"),
                      per_seed("pre_return", lambda x: f"{x:.0f}"), per_seed("post_return", lambda x: f"{x:.0f}")])
-    return table(["held-out class", "scripted policy", "random", "success before, per seed",
+    return table(["held-out class", "scripted policy (return, success)", "random", "success before, per seed",
                   "success adapted, per seed", "return before, per seed", "return adapted, per seed"], rows)
 
 
