@@ -132,7 +132,7 @@ def task_table(env):
 
 def untrained_table():
     rows = []
-    for env in ENVS:
+    for env in (*ENVS, "ml45"):
         runs, untrained = seed_summaries(env), seed_summaries(env, "untrained-seed")
         post = [s["mean_post_return"] for s in untrained]
         rows.append([f"`{env}`", pm([task_mean(s, "pre_return") for s in untrained]),
