@@ -1345,13 +1345,19 @@ def collect_sac(envs, steps, seed, checkpoint=None, checkpoint_every_s=180.0, sh
     return [dict({k: v[i] for k, v in buf.items()}, collector_return=collector_returns[i]) for i in range(n)]
 
 
+def expert_actor(env):
+    """The env's scripted controller (point-robot, ml45), its action clipped to the action bounds."""
+    low, high = env.action_space.low, env.action_space.high
+    return lambda o: np.clip(env.expert(o), low, high)
+
+
 def collect_scripted(env, steps, seed):
     """Scripted collector (point-robot, ml45): the env's expert controller, its action mixed with uniform noise,
     a = (1 - n) expert + n noise, where n anneals from 1 (pure noise) to 0 (the expert) over the data: every level
     in between is equally common, so the data spans random to competent behaviour like a replay buffer."""
     rng = np.random.default_rng(seed)
     low, high = env.action_space.low, env.action_space.high
-    expert = lambda o: np.clip(env.expert(o), low, high)
+    expert = expert_actor(env)
     buf = {k: [] for k in BUFFER_KEYS}
     obs, _ = env.reset(seed=seed)
     for t in range(steps):

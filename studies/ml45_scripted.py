@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import macaw  # noqa: E402
@@ -20,8 +18,7 @@ def main():
     with macaw.mujoco_warnings():
         for k in range(len(bench.tasks)):
             env = macaw.make_task_env(bench, k)
-            low, high = env.action_space.low, env.action_space.high
-            ret = macaw.rollout(env, lambda o: np.clip(env.expert(o), low, high), 0)
+            ret = macaw.rollout(env, macaw.expert_actor(env), 0)
             classes[str(k)] = dict(name=macaw.ML45_CLASSES[k], held_out=k in bench.test_ids, scripted_return=ret,
                                    scripted_success=bool(env.successes[-1]))
             print(f"{k:2d} {macaw.ML45_CLASSES[k]:28s} return {ret:7.1f}  success {env.successes[-1]}")
