@@ -1645,9 +1645,13 @@ def versions():
         mujoco_version = None
     from importlib.metadata import version
     optional = {name: version(name) for name in ("metaworld", "minari") if name in sys.modules}  # if used
+    try:  # the CPU model (the same code and seeds have made different SAC data in different sittings: docs/data.md)
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or None
     return dict(python=platform.python_version(), torch=torch.__version__, numpy=np.__version__,
                 gymnasium=gym.__version__, mujoco=mujoco_version, **optional, machine=platform.machine(),
-                cpus=os.cpu_count(), commit=git_commit())
+                cpu=cpu, cpus=os.cpu_count(), commit=git_commit())
 
 
 CHECKPOINT_KEYS = ("model", "optimizers", "generator", "torch_rng", "step", "wall_time", "running")

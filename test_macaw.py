@@ -1339,6 +1339,17 @@ def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path, monkeypa
                           "--data-dir", str(tmp_path / "data"), "--results", str(tmp_path)])
     td = json.loads((tmp_path / "td_point-robot.json").read_text())["runs"]
     assert sorted(online_finetune.method_returns(td)) == ["macaw", "macaw, TD(λ = 0.9)", "mt-awr", "mt-awr, TD(λ = 0.9)"]
+    import td_lambda  # its table and figure, from this study's output
+    monkeypatch.setattr(td_lambda, "ENVS", ("point-robot",))
+    monkeypatch.setattr(td_lambda, "RESULTS", tmp_path / "td_results")
+    (tmp_path / "td_results" / "studies").mkdir(parents=True)
+    (tmp_path / "td_results" / "studies" / "td_lambda_online_point-robot.json").write_text(
+        (tmp_path / "td_point-robot.json").read_text())
+    rows = td_lambda.online_rows()
+    assert [(r[1], r[2], r[3], r[8] != "") for r in rows] == [
+        ("macaw", "Monte-Carlo", 1, False), ("macaw", "TD(λ = 0.9)", 1, True),
+        ("mt-awr", "Monte-Carlo", 1, False), ("mt-awr", "TD(λ = 0.9)", 1, True)]
+    assert td_lambda.figure_bytes().startswith(b"\x89PNG") and td_lambda.meta_training_rows() == []
     with pytest.raises(SystemExit, match="meta-bc"):
         online_finetune.main([runs[1], "--targets", "0.9", "--data-dir", str(tmp_path / "data"), "--results", str(tmp_path)])
     import tables

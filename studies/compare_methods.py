@@ -5,6 +5,8 @@
     python studies/compare_methods.py ablation      # macaw, no advantage head, no weight transform
     python studies/compare_methods.py ablation --variants no-weight-transform-wide --envs cheetah-dir \
         --seeds 1 --steps 1500 --name ablation_wide  # plain layers with MACAW's parameter count (slow)
+    python studies/compare_methods.py main --envs walker-params --variants macaw td-lambda --steps 15000
+                                                    # MACAW's outer value loss on Monte-Carlo vs TD(lambda) targets
 
 Each (benchmark, variant, seed) is one ordinary run of macaw.train() (pearl.train for PEARL) with fewer
 meta-steps than the main results (--steps, default 3000, to fit the study in about an hour on 2 cores; say
@@ -58,6 +60,7 @@ VARIANTS = {  # name -> the Config changes that make it
     "no-adv-head": dict(adv_head=False),
     "no-weight-transform": dict(weight_transform=False),
     "no-weight-transform-wide": dict(weight_transform=False, net_width="wide"),
+    "td-lambda": dict(value_target="td-lambda"),  # MACAW with TD(0.95) targets in its outer value loss
 }
 STUDIES = {"main": ("macaw", "meta-bc", "mt-awr"),  # and offline PEARL with --variants ... pearl
            "ablation": ("macaw", "no-adv-head", "no-weight-transform")}

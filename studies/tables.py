@@ -221,6 +221,14 @@ def online_table(env):
                  [[m, len(r), *(pm(r[:, e]) for e in episodes)] for m, r in method_returns(res["runs"]).items()])
 
 
+def td_lambda_table(kind):
+    """The TD(lambda) study (studies/td_lambda.py, which also draws it): online fine-tuning or meta-training."""
+    import td_lambda
+    if kind == "online":
+        return table(td_lambda.ONLINE_HEADER, td_lambda.online_rows())
+    return table(td_lambda.META_TRAINING_HEADER, td_lambda.meta_training_rows())
+
+
 def pearl_point_robot_table():
     rows = []
     for name in ("pearl-w300-2k-seed1", "pearl-w64-seed1", "pearl-w64-seed2", "pearl-w64-seed3", "pearl-w64-6k-seed1"):
@@ -328,7 +336,8 @@ TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": u
           **{f"tasks {e}": (lambda e=e: task_table(e)) for e in ENVS},
           "main": lambda: comparison_table("main"), "ablation": lambda: comparison_table("ablation"),
           "ablation_wide": lambda: comparison_table("ablation_wide"), "full-budget": full_budget_table,
-          "pearl point-robot": pearl_point_robot_table,
+          "pearl point-robot": pearl_point_robot_table, "td-lambda online": lambda: td_lambda_table("online"),
+          "td-lambda meta-training": lambda: td_lambda_table("meta-training"),
           **{f"consistency {e}": (lambda e=e: consistency_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
           **{f"data_quality {e}": (lambda e=e: data_quality_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
           **{f"online {e}": (lambda e=e: online_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
@@ -370,12 +379,14 @@ def main(argv=None):
         print("\n".join(TABLES) if args.show == "list" else TABLES[args.show]())
         return 0
     import comparison
+    import td_lambda
     stale = []
-    figure = comparison.figure_bytes()
-    if not comparison.FIGURE.exists() or comparison.FIGURE.read_bytes() != figure:
-        stale.append(comparison.FIGURE.relative_to(ROOT))
-        if not args.check:
-            comparison.FIGURE.write_bytes(figure)
+    for study in (comparison, td_lambda):  # the figures drawn from results/
+        figure = study.figure_bytes()
+        if not study.FIGURE.exists() or study.FIGURE.read_bytes() != figure:
+            stale.append(study.FIGURE.relative_to(ROOT))
+            if not args.check:
+                study.FIGURE.write_bytes(figure)
     for doc in DOCS:
         text = doc.read_text()
         new = filled(text)

@@ -1,0 +1,137 @@
+"""The paper's named limitation, tested: TD(lambda) value targets against Monte-Carlo, from results/.
+
+    python studies/td_lambda.py            # writes results/td_lambda.png, prints the two tables
+
+Two experiments, each kept as JSON in results/ by the commands that ran them:
+- online fine-tuning after adaptation, each full-budget MACAW run once per value target (Monte-Carlo, and
+  TD(lambda) at lambda = 0.9 and 0.95), on the same online budget:
+  results/studies/td_lambda_online_<env>.json, made by
+      python studies/online_finetune.py runs/full/<env>-macaw-seed* --targets mc 0.9 0.95 --episodes 40 \
+          --name td_lambda_online
+- meta-training from scratch with TD(lambda) targets in the outer value loss (--value-target td-lambda) against
+  the default Monte-Carlo runs: results/<env>/td-lambda-seed<k>.json against results/<env>/seed<k>.json, kept
+  with studies/keep_run.py from
+      python studies/compare_methods.py main --envs <env> --variants td-lambda --steps 15000 --eval-every 1000
+
+The figure has one panel per benchmark's online study (return against online environment steps, the mean over
+runs with the min-max band) and one per benchmark's meta-training (held-out adapted return against the training
+step). `python studies/tables.py` puts both tables into docs/comparisons.md and, with --check, also checks that
+the figure is what these files give, byte for byte.
+"""
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "studies"))
+import comparison  # noqa: E402
+from online_finetune import method_returns, series  # noqa: E402
+
+RESULTS = ROOT / "results"
+FIGURE = RESULTS / "td_lambda.png"
+ENVS = ("cheetah-vel", "walker-params")
+TARGETS = {"macaw": "Monte-Carlo (the paper's)", "td-lambda": "TD(λ = 0.95)"}  # meta-training: kept run prefixes
+
+
+def online(env):
+    """The online study's runs on one benchmark ({} if it has not run)."""
+    path = RESULTS / "studies" / f"td_lambda_online_{env}.json"
+    return json.loads(path.read_text())["runs"] if path.exists() else {}
+
+
+def online_steps(runs, name):
+    """The mean number of online environment steps after each round, over the runs and test tasks of a series."""
+    return np.mean([s for res in runs.values() if series(res) == name for task in res["curves"].values()
+                    for s, _ in task], axis=0)
+
+
+def online_rows():
+    out = []
+    for env in ENVS:
+        runs = online(env)
+        returns = method_returns(runs) if runs else {}
+        last = {name: r[:, -10:].mean(1) for name, r in returns.items()}  # each run's mean over its last 10 rounds
+        for name, r in returns.items():
+            method, _, target = name.partition(", ")  # "macaw" or "macaw, TD(λ = 0.9)"
+            minutes = [res["wall_time_s"] / 60 for res in runs.values() if series(res) == name]
+            out.append([env, method, target or "Monte-Carlo", len(r), comparison.stat(r[:, 0]),
+                        comparison.stat(r[:, min(10, r.shape[1] - 1)]), f"{comparison.stat(r[:, -1])} ({r.shape[1] - 1})",
+                        comparison.stat(last[name]), comparison.stat(last[name] - last[method]) if target else "",
+                        f"{online_steps(runs, name)[-1]:,.0f}", f"{np.mean(minutes):.0f}"])
+    return out
+
+
+ONLINE_HEADER = ["benchmark", "method", "value target", "runs", "before fine-tuning", "after 10 episodes",
+                 "after the last (episodes)", "mean of the last 10", "minus Monte-Carlo's, run by run",
+                 "online env steps", "minutes per run"]
+
+
+def meta_training_rows():
+    out = []
+    for env in ENVS:
+        if not comparison.runs(env, "td-lambda"):
+            continue
+        for prefix, name in TARGETS.items():
+            found = comparison.runs(env, prefix)
+            post = [s["mean_post_return"] for s in found]
+            out.append([env, name, len(found), f"{comparison.stat(post)} ({' / '.join(f'{p:.0f}' for p in post)})",
+                        comparison.stat([s["mean_normalized"] for s in found], "{:.2f}"),
+                        f"{np.mean([s['share_half'] for s in found]):.0%}",
+                        f"{np.mean([s['wall_time_s'] for s in found]) / 60:.0f}"])
+    return out
+
+
+META_TRAINING_HEADER = ["benchmark", "outer value target", "seeds", "adapted return (per seed)", "normalised",
+                        "adaptations ≥ half the collector", "minutes per run"]
+
+
+def band(ax, x, values, color, label):
+    ax.plot(x, values.mean(0), color=color, label=label)
+    ax.fill_between(x, values.min(0), values.max(0), color=color, alpha=0.2, linewidth=0)
+
+
+def figure_bytes():
+    """The figure as PNG bytes (no date or version in its metadata, so the same files give the same bytes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2 * len(ENVS), figsize=(4.2 * 2 * len(ENVS), 3.6))
+    for ax, env in zip(axes[:len(ENVS)], ENVS):
+        runs = online(env)
+        for n, (name, returns) in enumerate(method_returns(runs).items() if runs else []):
+            band(ax, online_steps(runs, name), returns, f"C{n}", f"{name} ({len(returns)} runs)")
+        ax.set(title=f"{env}: online fine-tuning", xlabel="online environment steps", ylabel="episode return")
+    for ax, env in zip(axes[len(ENVS):], ENVS):
+        for (prefix, name), color in zip(TARGETS.items(), ("C0", "C3")):
+            curves = [comparison.curve(s) for s in comparison.runs(env, prefix) if s.get("curve")]
+            if comparison.runs(env, "td-lambda") and curves:
+                band(ax, curves[0][0], np.array([c[1] for c in curves]), color, f"{name} ({len(curves)} seeds)")
+        ax.set(title=f"{env}: meta-training", xlabel="training step", ylabel="held-out adapted return")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.set_xticks([])
+            ax.text(0.5, 0.5, "not run yet", transform=ax.transAxes, ha="center", color="gray")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def main():
+    FIGURE.write_bytes(figure_bytes())
+    print(f"wrote {FIGURE}")
+    for header, rows in ((ONLINE_HEADER, online_rows()), (META_TRAINING_HEADER, meta_training_rows())):
+        print("\n| " + " | ".join(header) + " |")
+        for row in rows:
+            print("| " + " | ".join(str(c) for c in row) + " |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
