@@ -7,14 +7,17 @@ Two experiments, each kept as JSON in results/ by the commands that ran them:
   TD(lambda) at lambda = 0.9 and 0.95), on the same online budget:
   results/studies/td_lambda_online_<env>.json, made by
       python studies/online_finetune.py runs/full/<env>-macaw-seed* --targets mc 0.9 0.95 --episodes 40 \
-          --name td_lambda_online
+          --repeats 1 --name td_lambda_online
+  where runs/full/<env>-macaw-seed<k>/ are the default runs made by
+      python studies/compare_methods.py main --envs <env> --variants macaw --steps 15000 --eval-every 1000 \
+          --out runs/full
 - meta-training from scratch with TD(lambda) targets in the outer value loss (--value-target td-lambda) against
   the default Monte-Carlo runs: results/<env>/td-lambda-seed<k>.json against results/<env>/seed<k>.json, kept
   with studies/keep_run.py from
       python studies/compare_methods.py main --envs <env> --variants td-lambda --steps 15000 --eval-every 1000
 
 The figure has one panel per benchmark's online study (return against online environment steps, the mean over
-runs with the min-max band) and one for meta-training on walker-params (held-out adapted return against the
+runs with the min-max band over runs) and one for meta-training on walker-params (held-out adapted return against the
 training step). `python studies/tables.py` puts both tables into docs/comparisons.md and, with --check, also checks that
 the figure is what these files give, byte for byte.
 """
@@ -44,30 +47,40 @@ def online(env):
 
 
 def online_steps(runs, name):
-    """The mean number of online environment steps after each round, over the runs and test tasks of a series."""
-    return np.mean([s for res in runs.values() if series(res) == name for task in res["curves"].values()
-                    for s, _ in task], axis=0)
+    """The mean number of online environment steps per test task after each round, over the runs of a series."""
+    return np.mean([steps for res in runs.values() if series(res) == name for task in res["curves"].values()
+                    for steps, _returns in task], axis=0)
+
+
+def run_returns(res):
+    """One run's return after each round: the mean over its test tasks (and their online repeats)."""
+    return np.mean([returns for task in res["curves"].values() for _steps, returns in task], axis=0)
 
 
 def online_rows():
     out = []
     for env in ENVS:
-        runs = online(env)
-        returns = method_returns(runs) if runs else {}
-        last = {name: r[:, -10:].mean(1) for name, r in returns.items()}  # each run's mean over its last 10 rounds
-        for name, r in returns.items():
+        stored = online(env)
+        runs = list(stored.values())
+        last = {(series(res), res["seed"]): run_returns(res)[-10:].mean() for res in runs}  # over the last 10 rounds
+        for name in dict.fromkeys(series(res) for res in runs):
             method, _, target = name.partition(", ")  # "macaw" or "macaw, TD(λ = 0.9)"
-            minutes = [res["wall_time_s"] / 60 for res in runs.values() if series(res) == name]
-            out.append([env, method, target or "Monte-Carlo", len(r), comparison.stat(r[:, 0]),
-                        comparison.stat(r[:, min(10, r.shape[1] - 1)]), f"{comparison.stat(r[:, -1])} ({r.shape[1] - 1})",
-                        comparison.stat(last[name]), comparison.stat(last[name] - last[method]) if target else "",
-                        f"{online_steps(runs, name)[-1]:,.0f}", f"{np.mean(minutes):.0f}"])
+            mine = [res for res in runs if series(res) == name]
+            r = np.array([run_returns(res) for res in mine])
+            out.append([env, method, target or "Monte-Carlo", len(mine), comparison.stat(r[:, 0]),
+                        comparison.stat(r[:, 10]) if r.shape[1] > 10 else "",
+                        f"{comparison.stat(r[:, -1])} ({r.shape[1] - 1})",
+                        comparison.stat([last[name, res["seed"]] for res in mine]),
+                        comparison.stat([last[name, res["seed"]] - last[method, res["seed"]] for res in mine])
+                        if target else "",  # each run against itself with Monte-Carlo targets
+                        f"{online_steps(stored, name)[-1]:,.0f}",
+                        f"{np.mean([res['wall_time_s'] for res in mine]) / 60:.0f}"])
     return out
 
 
 ONLINE_HEADER = ["benchmark", "method", "value target", "runs", "before fine-tuning", "after 10 episodes",
                  "after the last (episodes)", "mean of the last 10", "minus Monte-Carlo's, run by run",
-                 "online env steps", "minutes per run"]
+                 "online env steps per task", "minutes per run"]
 
 
 def meta_training_rows():
@@ -104,7 +117,8 @@ def figure_bytes():
     for ax, env in zip(axes[:len(ENVS)], ENVS):
         runs = online(env)
         for n, (name, returns) in enumerate(method_returns(runs).items() if runs else []):
-            band(ax, online_steps(runs, name), returns, f"C{n}", f"{name} ({len(returns)} runs)")
+            label = name if ", " in name else f"{name}, Monte-Carlo"
+            band(ax, online_steps(runs, name), returns, f"C{n}", f"{label} ({len(returns)} runs)")
         ax.set(title=f"{env}: online fine-tuning", xlabel="online environment steps", ylabel="episode return")
     for ax, env in zip(axes[len(ENVS):], META_TRAINING_ENVS):
         for (prefix, name), color in zip(TARGETS.items(), ("C0", "C3")):
@@ -117,6 +131,7 @@ def figure_bytes():
             ax.legend(fontsize=7)
         else:
             ax.set_xticks([])
+            ax.set_yticks([])
             ax.text(0.5, 0.5, "not run yet", transform=ax.transAxes, ha="center", color="gray")
         ax.grid(alpha=0.3)
     fig.tight_layout()
