@@ -91,14 +91,17 @@ def meta_training_rows():
         for prefix, name in TARGETS.items():
             found = comparison.runs(env, prefix)
             post = [s["mean_post_return"] for s in found]
-            out.append([env, name, len(found), f"{comparison.stat(post)} ({' / '.join(f'{p:.0f}' for p in post)})",
+            pre = [np.mean([t["pre_return"] for t in s["tasks"].values()]) for s in found]
+            out.append([env, name, len(found), comparison.stat(pre),
+                        f"{comparison.stat(post)} ({' / '.join(f'{p:.0f}' for p in post)})",
                         comparison.stat([s["mean_normalized"] for s in found], "{:.2f}"),
                         f"{np.mean([s['share_half'] for s in found]):.0%}",
                         f"{np.mean([s['wall_time_s'] for s in found]) / 60:.0f}"])
     return out
 
 
-META_TRAINING_HEADER = ["benchmark", "outer value target", "seeds", "adapted return (per seed)", "normalised",
+META_TRAINING_HEADER = ["benchmark", "outer value target", "seeds", "before adaptation", "adapted return (per seed)",
+                        "normalised",
                         "adaptations ≥ half the collector", "minutes per run"]
 
 
@@ -119,12 +122,12 @@ def figure_bytes():
         for n, (name, returns) in enumerate(method_returns(runs).items() if runs else []):
             label = name if ", " in name else f"{name}, Monte-Carlo"
             band(ax, online_steps(runs, name), returns, f"C{n}", f"{label} ({len(returns)} runs)")
-        ax.set(title=f"{env}: online fine-tuning", xlabel="online environment steps", ylabel="episode return")
+        ax.set(title=f"{env}: online fine-tuning", xlabel="online environment steps per task", ylabel="episode return")
     for ax, env in zip(axes[len(ENVS):], META_TRAINING_ENVS):
         for (prefix, name), color in zip(TARGETS.items(), ("C0", "C3")):
             curves = [comparison.curve(s) for s in comparison.runs(env, prefix) if s.get("curve")]
             if comparison.runs(env, "td-lambda") and curves:
-                band(ax, curves[0][0], np.array([c[1] for c in curves]), color, f"{name} ({len(curves)} seeds)")
+                band(ax, curves[0][0], np.array([c[1] for c in curves]), color, f"{name} ({len(curves)} seed{'s' * (len(curves) > 1)})")
         ax.set(title=f"{env}: meta-training", xlabel="training step", ylabel="held-out adapted return")
     for ax in axes:
         if ax.lines:
