@@ -1341,6 +1341,7 @@ def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path, monkeypa
     assert sorted(online_finetune.method_returns(td)) == ["macaw", "macaw, TD(λ = 0.9)", "mt-awr", "mt-awr, TD(λ = 0.9)"]
     import td_lambda  # its table and figure, from this study's output
     monkeypatch.setattr(td_lambda, "ENVS", ("point-robot",))
+    monkeypatch.setattr(td_lambda, "META_TRAINING_ENVS", ("point-robot",))  # (no td-lambda runs kept there)
     monkeypatch.setattr(td_lambda, "RESULTS", tmp_path / "td_results")
     (tmp_path / "td_results" / "studies").mkdir(parents=True)
     (tmp_path / "td_results" / "studies" / "td_lambda_online_point-robot.json").write_text(
