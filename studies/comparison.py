@@ -95,18 +95,28 @@ def figure_bytes():
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return png_bytes(fig)
+
+
+def png_bytes(fig):
+    """A figure as PNG bytes, closed; no date or version in its metadata, so the same data give the same bytes."""
+    import matplotlib.pyplot as plt
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
     plt.close(fig)
     return buffer.getvalue()
 
 
+def print_table(header, table_rows):
+    print("| " + " | ".join(header) + " |")
+    for row in table_rows:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+
+
 def main():
     FIGURE.write_bytes(figure_bytes())
     print(f"wrote {FIGURE}")
-    print("| " + " | ".join(HEADER) + " |")
-    for row in rows():
-        print("| " + " | ".join(str(c) for c in row) + " |")
+    print_table(HEADER, rows())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ runs with the min-max band over runs) and one for meta-training on walker-params
 training step). `python studies/tables.py` puts both tables into docs/comparisons.md and, with --check, also checks that
 the figure is what these files give, byte for byte.
 """
-import io
 import json
 import sys
 from pathlib import Path
@@ -138,19 +137,15 @@ def figure_bytes():
             ax.text(0.5, 0.5, "not run yet", transform=ax.transAxes, ha="center", color="gray")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
-    return buffer.getvalue()
+    return comparison.png_bytes(fig)
 
 
 def main():
     FIGURE.write_bytes(figure_bytes())
     print(f"wrote {FIGURE}")
     for header, rows in ((ONLINE_HEADER, online_rows()), (META_TRAINING_HEADER, meta_training_rows())):
-        print("\n| " + " | ".join(header) + " |")
-        for row in rows:
-            print("| " + " | ".join(str(c) for c in row) + " |")
+        print()
+        comparison.print_table(header, rows)
 
 
 if __name__ == "__main__":
