@@ -1017,8 +1017,9 @@ def test_a_second_run_into_the_same_folder_stops_and_the_lock_dies_with_its_proc
 
 
 def test_a_run_that_needs_data_being_made_waits_for_it_and_reuses_it(tmp_path):
+    # the first process holds the data lock until the second says it is waiting (no sleep to race a slow start)
     helper = f"""
-import sys, time
+import sys
 sys.path.insert(0, {str(HERE)!r})
 from pathlib import Path
 import macaw
@@ -1027,19 +1028,33 @@ bench = macaw.BENCHMARKS["point-robot"]
 cfg = cfg.resolve(bench)
 with macaw.folder_lock(Path("data/point-robot"), wait=False, purpose="a test"):
     print("locked", flush=True)
-    time.sleep(4)
+    sys.stdin.readline()
     macaw.generate_tasks(cfg, bench, macaw.missing_tasks(cfg, bench))
 """
-    first = subprocess.Popen([sys.executable, "-c", helper], cwd=tmp_path, text=True, stdout=subprocess.PIPE)
+    first = subprocess.Popen([sys.executable, "-c", helper], cwd=tmp_path, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    second = None
     try:
         assert first.stdout.readline().strip() == "locked"
-        second = run_cli(*TINY, "--steps", "2", "--eval-every", "2", cwd=tmp_path)
-        assert second.returncode == 0, second.stderr
-        assert f"Waiting for process {first.pid}" in second.stdout
-        assert "Generating offline data" not in second.stdout  # it reused the first process's files
+        second = subprocess.Popen([sys.executable, str(HERE / "macaw.py"), *TINY, "--steps", "2", "--eval-every", "2"],
+                                  cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(HERE)), text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        before = []
+        for line in second.stdout:  # up to the line that says it waits (or the end, if it never does)
+            before.append(line)
+            if "Waiting for process" in line:
+                break
+        assert f"Waiting for process {first.pid}" in "".join(before), "".join(before)
+        first.stdin.write("go\n")
+        first.stdin.flush()
         assert "Generating offline data" in first.communicate(timeout=60)[0]
+        after, err = second.communicate(timeout=600)
+        assert second.returncode == 0, err
+        assert "Generating offline data" not in "".join(before) + after  # it reused the first process's files
     finally:
         first.kill()
+        if second is not None:
+            second.kill()
 
 
 def test_a_failing_write_keeps_the_last_checkpoint_and_resume_continues(tmp_path, monkeypatch):
