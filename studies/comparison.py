@@ -72,6 +72,7 @@ def figure_bytes():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(ENVS), figsize=(4.2 * len(ENVS), 3.6))
+    seeds = {}  # method name -> the seed counts of its panels, for one legend entry per method
     for ax, env in zip(axes, ENVS):
         drawn = False
         for (method, name), color in zip(METHODS.items(), ("C0", "C3", "C2", "C1")):
@@ -81,7 +82,8 @@ def figure_bytes():
             drawn = True
             steps = curves[0][0]
             values = np.array([c[1] for c in curves if np.array_equal(c[0], steps)])
-            ax.plot(steps, values.mean(0), color=color, label=f"{name} ({len(values)} seed{'s' * (len(values) > 1)})")
+            ax.plot(steps, values.mean(0), color=color, label=name)
+            seeds.setdefault(name, set()).add(len(values))
             ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, linewidth=0)
         ax.axhline(PUBLISHED[env][0], color="k", linestyle="--", linewidth=1, label="published MACAW")
         ax.set_title(env)
@@ -93,7 +95,9 @@ def figure_bytes():
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out adapted return")
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), frameon=False)
+    labels = [f"{label} ({'-'.join(map(str, sorted({min(seeds[label]), max(seeds[label])})))} seed"
+              f"{'s' * (max(seeds[label]) > 1)})" if label in seeds else label for label in handles]
+    fig.legend(handles.values(), labels, loc="lower center", ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return png_bytes(fig)
 
