@@ -95,8 +95,12 @@ def figure_bytes():
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("held-out adapted return")
     handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
-    labels = [f"{label} ({'-'.join(map(str, sorted({min(seeds[label]), max(seeds[label])})))} seed"
-              f"{'s' * (max(seeds[label]) > 1)})" if label in seeds else label for label in handles]
+    def with_seeds(label):  # "MACAW (3 seeds)"; a method with different counts over the panels: "(2-3 seeds)"
+        if label not in seeds:
+            return label
+        low, high = min(seeds[label]), max(seeds[label])
+        return f"{label} ({low if low == high else f'{low}-{high}'} seed{'s' * (high > 1)})"
+    labels = [with_seeds(label) for label in handles]
     fig.legend(handles.values(), labels, loc="lower center", ncol=len(handles), frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     return png_bytes(fig)
