@@ -690,10 +690,14 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # The product: CLI, reproducibility, checkpoints, learning.
 # ------------------------------------------------------------------------------------------------
+def cli(*args):
+    """`python macaw.py ARGS` and its environment, for subprocess.run or Popen."""
+    return [sys.executable, str(HERE / "macaw.py"), *args], dict(os.environ, PYTHONPATH=str(HERE))
+
+
 def run_cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(HERE))
-    return subprocess.run([sys.executable, str(HERE / "macaw.py"), *args], cwd=cwd, env=env,
-                           capture_output=True, text=True, timeout=600)
+    command, env = cli(*args)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def read_log_without_timing(path):
@@ -1036,8 +1040,8 @@ with macaw.folder_lock(Path("data/point-robot"), wait=False, purpose="a test"):
     second = None
     try:
         assert first.stdout.readline().strip() == "locked"
-        second = subprocess.Popen([sys.executable, str(HERE / "macaw.py"), *TINY, "--steps", "2", "--eval-every", "2"],
-                                  cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(HERE)), text=True,
+        command, env = cli(*TINY, "--steps", "2", "--eval-every", "2")
+        second = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         before = []
         for line in second.stdout:  # up to the line that says it waits (or the end, if it never does)
