@@ -1358,6 +1358,11 @@ def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path, monkeypa
                           "--data-dir", str(tmp_path / "data"), "--results", str(tmp_path)])
     td = json.loads((tmp_path / "td_point-robot.json").read_text())["runs"]
     assert sorted(online_finetune.method_returns(td)) == ["macaw", "macaw, TD(λ = 0.9)", "mt-awr", "mt-awr, TD(λ = 0.9)"]
+    for part in (runs[2], runs[0]):  # the same study in two parts, one run each: the same file as in one command
+        online_finetune.main([part, "--episodes", "1", "--repeats", "1", "--targets", "mc", "0.9", "--name", "td_parts",
+                              "--data-dir", str(tmp_path / "data"), "--results", str(tmp_path)])
+    parts = json.loads((tmp_path / "td_parts_point-robot.json").read_text())["runs"]
+    assert sorted(parts) == sorted(td) and all(parts[k]["curves"] == td[k]["curves"] for k in td)
     import td_lambda  # its table and figure, from this study's output
     monkeypatch.setattr(td_lambda, "ENVS", ("point-robot",))
     monkeypatch.setattr(td_lambda, "META_TRAINING_ENVS", ("point-robot",))  # (no td-lambda runs kept there)

@@ -20,9 +20,14 @@ value function before every round's Adam steps; --rule adam only, as the inner s
 Monte-Carlo target):
 
     python studies/online_finetune.py runs/cheetah-vel-seed* --targets mc 0.9 0.95 --episodes 40 --name td_lambda_online
+
+The output file keeps what earlier commands of the same study wrote into it (same --episodes, --rule, --inner-steps
+and --repeats; another setting replaces the file): a study can run in parts, e.g. one process per run on two cores,
+and a (run, target) pair run again replaces its own entry.
 """
 import argparse
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
@@ -147,23 +152,35 @@ def main(argv=None):
             key = str(run) if target == "mc" else f"{run} td{target}"
             results[key] = dict(env=cfg.env, method=cfg.method, seed=cfg.seed, target=target, curves=curves,
                                 collector={str(k): data[k].collector_return for k in bench.test_ids},
-                                wall_time_s=time.perf_counter() - start)
+                                wall_time_s=time.perf_counter() - start, commit=macaw.git_commit())
             mean = np.mean([r for c in curves.values() for _, r in c], axis=0)
             print(f"{run} ({series(results[key])}): mean return over test tasks after 0, 1, ... online episodes: "
                   + " ".join(f"{x:.0f}" for x in mean))
+    out = args.results / f"{args.name}_{cfg.env}.json"
+    settings = dict(episodes=args.episodes, rule=args.rule, inner_steps=args.inner_steps, repeats=args.repeats)
+    with macaw.folder_lock(args.results, wait=True, purpose=f"writing {out.name}"):  # (one writer at a time)
+        results = {**earlier_runs(out, settings), **results}
+        macaw.write_json(out, dict(runs=results, commit=macaw.git_commit(), **settings,
+                                   targets=list(dict.fromkeys(res["target"] for res in results.values()))))
     print(f"\n{cfg.env}, rule {args.rule}: mean return over test tasks, then mean ± std over runs")
     print("| method | runs | " + " | ".join(f"after {e} episodes" for e in range(args.episodes + 1)) + " |")
     print("|---|---|" + "---|" * (args.episodes + 1))
     for method, per_run in method_returns(results).items():
         print(f"| {method} | {len(per_run)} | " + " | ".join(f"{m:.0f} ± {sd:.0f}" for m, sd in
                                                              zip(per_run.mean(0), per_run.std(0))) + " |")
-    out = args.results / f"{args.name}_{cfg.env}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    macaw.write_json(out, dict(runs=results, commit=macaw.git_commit(), episodes=args.episodes,
-                               rule=args.rule, inner_steps=args.inner_steps, repeats=args.repeats,
-                               targets=args.targets))
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png').name}")
+
+
+def earlier_runs(path, settings):
+    """The runs an earlier command of the same study wrote into `path` ({} if none, or if made with other settings)."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if any(earlier.get(k) != v for k, v in settings.items()):
+        print(f"{path} was made with other settings; it is replaced")
+        return {}
+    return earlier["runs"]
 
 
 def plot(results, path):
