@@ -6,7 +6,7 @@ Two experiments, each kept as JSON in results/ by the commands that ran them:
 - online fine-tuning after adaptation, each full-budget MACAW run once per value target (Monte-Carlo, and
   TD(lambda) at lambda = 0.9 and 0.95), on the same online budget:
   results/studies/td_lambda_online_<env>.json, made by
-      python studies/online_finetune.py runs/full/<env>-macaw-seed* --targets mc 0.9 0.95 --episodes 40 \
+      python studies/online_finetune.py runs/full/<env>-macaw-seed* --targets mc 0.9 0.95 --episodes 100 \
           --repeats 1 --name td_lambda_online
   where runs/full/<env>-macaw-seed<k>/ are the default runs made by
       python studies/compare_methods.py main --envs <env> --variants macaw --steps 15000 --eval-every 1000 \
@@ -16,8 +16,8 @@ Two experiments, each kept as JSON in results/ by the commands that ran them:
   with studies/keep_run.py from
       python studies/compare_methods.py main --envs <env> --variants td-lambda --steps 15000 --eval-every 1000
 
-The figure has one panel per benchmark's online study (return against online environment steps, the mean over
-runs with the min-max band over runs) and one for meta-training on walker-params (held-out adapted return against the
+The figure has one panel per benchmark's online study (return against online environment steps, each run's
+running mean over 10 rounds, then the mean over runs with the min-max band over runs) and one for meta-training on walker-params (held-out adapted return against the
 training step). `python studies/tables.py` puts both tables into docs/comparisons.md and, with --check, also checks that
 the figure is what these files give, byte for byte.
 """
@@ -56,20 +56,29 @@ def run_returns(res):
     return np.mean([returns for task in res["curves"].values() for _steps, returns in task], axis=0)
 
 
+WINDOW = 10  # rounds: single rounds are noisy (a run's return moves by ~50 from one round to the next on walker-params)
+
+
+def windows(rounds):
+    """The three spans of WINDOW rounds the table averages (as slices of a curve whose entry 0 is before fine-tuning):
+    the first, the one that ends halfway and the last."""
+    half = (rounds // 2 // WINDOW) * WINDOW
+    return [slice(1, WINDOW + 1), slice(half - WINDOW + 1, half + 1), slice(rounds - WINDOW + 1, rounds + 1)]
+
+
 def online_rows():
     out = []
     for env in ENVS:
         stored = online(env)
         runs = list(stored.values())
-        last = {(series(res), res["seed"]): run_returns(res)[-10:].mean() for res in runs}  # over the last 10 rounds
+        rounds = len(run_returns(runs[0])) - 1 if runs else 0
+        last = {(series(res), res["seed"]): run_returns(res)[windows(rounds)[-1]].mean() for res in runs}
         for name in dict.fromkeys(series(res) for res in runs):
             method, _, target = name.partition(", ")  # "macaw" or "macaw, TD(λ = 0.9)"
             mine = [res for res in runs if series(res) == name]
             r = np.array([run_returns(res) for res in mine])
             out.append([env, method, target or "Monte-Carlo", len(mine), comparison.stat(r[:, 0]),
-                        comparison.stat(r[:, 10]) if r.shape[1] > 10 else "",
-                        f"{comparison.stat(r[:, -1])} ({r.shape[1] - 1})",
-                        comparison.stat([last[name, res["seed"]] for res in mine]),
+                        *(f"{comparison.stat(r[:, w].mean(1))} ({w.start}-{w.stop - 1})" for w in windows(rounds)),
                         comparison.stat([last[name, res["seed"]] - last[method, res["seed"]] for res in mine])
                         if target else "",  # each run against itself with Monte-Carlo targets
                         f"{online_steps(stored, name)[-1]:,.0f}",
@@ -77,8 +86,8 @@ def online_rows():
     return out
 
 
-ONLINE_HEADER = ["benchmark", "method", "value target", "runs", "before fine-tuning", "after 10 episodes",
-                 "after the last (episodes)", "mean of the last 10", "minus Monte-Carlo's, run by run",
+ONLINE_HEADER = ["benchmark", "method", "value target", "runs", "before fine-tuning", "first 10 rounds",
+                 "10 rounds to halfway", "last 10 rounds", "last 10 minus Monte-Carlo's, run by run",
                  "online env steps per task", "minutes per run"]
 
 
@@ -109,6 +118,11 @@ def band(ax, x, values, color, label):
     ax.fill_between(x, values.min(0), values.max(0), color=color, alpha=0.2, linewidth=0)
 
 
+def running_mean(returns):
+    """Each round's mean over itself and the WINDOW - 1 rounds before it (fewer at the start), to make a trend readable."""
+    return np.array([returns[max(0, i - WINDOW + 1):i + 1].mean() for i in range(len(returns))])
+
+
 def figure_bytes():
     """The figure as PNG bytes (no date or version in its metadata, so the same files give the same bytes)."""
     import matplotlib
@@ -120,8 +134,10 @@ def figure_bytes():
         runs = online(env)
         for n, (name, returns) in enumerate(method_returns(runs).items() if runs else []):
             label = name if ", " in name else f"{name}, Monte-Carlo"
-            band(ax, online_steps(runs, name), returns, f"C{n}", f"{label} ({len(returns)} runs)")
-        ax.set(title=f"{env}: online fine-tuning", xlabel="online environment steps per task", ylabel="episode return")
+            band(ax, online_steps(runs, name), np.array([running_mean(r) for r in returns]), f"C{n}",
+                 f"{label} ({len(returns)} runs)")
+        ax.set(title=f"{env}: online fine-tuning", xlabel="online environment steps per task",
+               ylabel=f"episode return (mean of the last {WINDOW} rounds)")
     for ax, env in zip(axes[len(ENVS):], META_TRAINING_ENVS):
         for (prefix, name), color in zip(TARGETS.items(), ("C0", "C3")):
             curves = [comparison.curve(s) for s in comparison.runs(env, prefix) if s.get("curve")]
