@@ -64,6 +64,31 @@ def rows():
 HEADER = ["benchmark", "method", "steps", "seeds", "adapted return (per seed)", "normalised",
           "adaptations ≥ half the collector", "minutes per run"]
 
+# The ablation at the full budget: MACAW without one of its two pieces (docs/comparisons.md, section 2).
+ABLATION = {"macaw": "MACAW", "no-adv-head": "MAML + AWR (no advantage head)",
+            "no-weight-transform": "plain layers, width 100 (no weight transform)"}
+
+
+def seeds_row(found):
+    """Seeds, return before adaptation, adapted return (with each seed's), normalised score, share of adaptations
+    reaching half the collector, minutes per run: the columns a table of full-budget runs shows for one variant."""
+    post = [s["mean_post_return"] for s in found]
+    pre = [np.mean([t["pre_return"] for t in s["tasks"].values()]) for s in found]
+    return [len(found), stat(pre), f"{stat(post)} ({' / '.join(f'{p:.0f}' for p in post)})",
+            stat([s["mean_normalized"] for s in found], "{:.2f}"), f"{np.mean([s['share_half'] for s in found]):.0%}",
+            f"{np.mean([s['wall_time_s'] for s in found]) / 60:.0f}"]
+
+
+def ablation_rows():
+    """MACAW and its ablation variants on each benchmark where a variant has run."""
+    return [[env, name, *seeds_row(runs(env, variant))] for env in ENVS
+            if any(runs(env, variant) for variant in ABLATION if variant != "macaw")
+            for variant, name in ABLATION.items() if runs(env, variant)]
+
+
+ABLATION_HEADER = ["benchmark", "variant", "seeds", "before adaptation", "adapted return (per seed)", "normalised",
+                   "adaptations ≥ half the collector", "minutes per run"]
+
 
 def figure_bytes():
     """The comparison figure as PNG bytes (no date or version in its metadata, so the same files give the

@@ -184,6 +184,12 @@ def full_budget_table():
     return table(comparison.HEADER, comparison.rows())
 
 
+def full_budget_ablation_table():
+    """MACAW against its ablation variants, full-budget runs (studies/comparison.py)."""
+    import comparison
+    return table(comparison.ABLATION_HEADER, comparison.ablation_rows())
+
+
 def probe_cell(rows, **where):
     from adaptation_probe import score_text
     row = next((r for r in rows if all(r[k] == v for k, v in where.items())), None)
@@ -336,6 +342,7 @@ TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": u
           **{f"tasks {e}": (lambda e=e: task_table(e)) for e in ENVS},
           "main": lambda: comparison_table("main"), "ablation": lambda: comparison_table("ablation"),
           "ablation_wide": lambda: comparison_table("ablation_wide"), "full-budget": full_budget_table,
+          "full-budget ablation": full_budget_ablation_table,
           "pearl point-robot": pearl_point_robot_table, "td-lambda online": lambda: td_lambda_table("online"),
           "td-lambda meta-training": lambda: td_lambda_table("meta-training"),
           **{f"consistency {e}": (lambda e=e: consistency_table(e)) for e in ("cheetah-dir", "cheetah-vel")},

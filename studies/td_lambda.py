@@ -97,14 +97,7 @@ def meta_training_rows():
         if not comparison.runs(env, "td-lambda"):
             continue
         for prefix, name in TARGETS.items():
-            found = comparison.runs(env, prefix)
-            post = [s["mean_post_return"] for s in found]
-            pre = [np.mean([t["pre_return"] for t in s["tasks"].values()]) for s in found]
-            out.append([env, name, len(found), comparison.stat(pre),
-                        f"{comparison.stat(post)} ({' / '.join(f'{p:.0f}' for p in post)})",
-                        comparison.stat([s["mean_normalized"] for s in found], "{:.2f}"),
-                        f"{np.mean([s['share_half'] for s in found]):.0%}",
-                        f"{np.mean([s['wall_time_s'] for s in found]) / 60:.0f}"])
+            out.append([env, name, *comparison.seeds_row(comparison.runs(env, prefix))])
     return out
 
 
