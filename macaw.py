@@ -1626,12 +1626,14 @@ def folder_lock(folder, wait, purpose):
 
 
 def git_commit():
+    """The code's commit, with "-dirty" if a tracked file other than results/ and docs/ (what runs and studies
+    write, not code) differs from it."""
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results",
+                                ":(exclude)docs"], cwd=here, capture_output=True, text=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
