@@ -6,8 +6,8 @@ Two experiments, each kept as JSON in results/ by the commands that ran them:
 - online fine-tuning after adaptation, each full-budget MACAW run once per value target (Monte-Carlo, and
   TD(lambda) at lambda = 0.9 and 0.95), on the same online budget:
   results/studies/td_lambda_online_<env>.json, made by
-      python studies/online_finetune.py runs/full/<env>-macaw-seed* --targets mc 0.9 0.95 --episodes 100 \
-          --repeats 1 --name td_lambda_online
+      python studies/online_finetune.py runs/full/<env>-macaw-seed* --targets mc 0.9 0.95 --episodes N \
+          --repeats 1 --name td_lambda_online      # N: 40 on cheetah-vel, 150 on walker-params
   where runs/full/<env>-macaw-seed<k>/ are the default runs made by
       python studies/compare_methods.py main --envs <env> --variants macaw --steps 15000 --eval-every 1000 \
           --out runs/full
@@ -75,15 +75,20 @@ def online_rows():
         last = {(series(res), res["seed"]): run_returns(res)[windows(rounds)[-1]].mean() for res in runs}
         for name in dict.fromkeys(series(res) for res in runs):
             method, _, target = name.partition(", ")  # "macaw" or "macaw, TD(λ = 0.9)"
-            mine = [res for res in runs if series(res) == name]
+            mine = sorted((res for res in runs if series(res) == name), key=lambda res: res["seed"])
             r = np.array([run_returns(res) for res in mine])
             out.append([env, method, target or "Monte-Carlo", len(mine), comparison.stat(r[:, 0]),
                         *(f"{comparison.stat(r[:, w].mean(1))} ({w.start}-{w.stop - 1})" for w in windows(rounds)),
-                        comparison.stat([last[name, res["seed"]] - last[method, res["seed"]] for res in mine])
-                        if target else "",  # each run against itself with Monte-Carlo targets
+                        minus(mine, name, method, last) if target else "",
                         f"{online_steps(stored, name)[-1]:,.0f}",
                         f"{np.mean([res['wall_time_s'] for res in mine]) / 60:.0f}"])
     return out
+
+
+def minus(mine, name, method, last):
+    """Each run's last rounds minus the same run's with Monte-Carlo targets: mean ± std, then seed by seed."""
+    diffs = [last[name, res["seed"]] - last[method, res["seed"]] for res in mine]
+    return f"{comparison.stat(diffs)} ({' / '.join(f'{d:+.0f}' for d in diffs)})"
 
 
 ONLINE_HEADER = ["benchmark", "method", "value target", "runs", "before fine-tuning", "first 10 rounds",
