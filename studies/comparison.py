@@ -7,7 +7,8 @@ For each benchmark and method, the runs kept in results/<env>/ (MACAW: seed<k>.j
 benchmark, the held-out adapted return (mean over the test tasks) against the training step, the mean over
 seeds with the min-max band, and the published MACAW value as a dashed line; the table has the final adapted
 return, the normalised score, the share of adaptations reaching half the collector's return and the minutes
-per run. `python studies/tables.py` puts the same table into docs/comparisons.md and, with --check, also
+per run. It also prints the full-budget ablation's table (MACAW without its advantage head, or with plain layers).
+`python studies/tables.py` puts the same tables into docs/comparisons.md and, with --check, also
 checks that the figure is what these files give, byte for byte.
 """
 import io
@@ -150,6 +151,8 @@ def main():
     FIGURE.write_bytes(figure_bytes())
     print(f"wrote {FIGURE}")
     print_table(HEADER, rows())
+    print()
+    print_table(ABLATION_HEADER, ablation_rows())
 
 
 if __name__ == "__main__":
