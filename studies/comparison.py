@@ -70,6 +70,10 @@ ABLATION = {"macaw": "MACAW", "no-adv-head": "MAML + AWR (no advantage head)",
             "no-weight-transform": "plain layers, width 100 (no weight transform)"}
 
 
+SEEDS_COLUMNS = ["seeds", "before adaptation", "adapted return (per seed)", "normalised",
+                 "adaptations ≥ half the collector", "minutes per run"]  # seeds_row's
+
+
 def seeds_row(found):
     """Seeds, return before adaptation, adapted return (with each seed's), normalised score, share of adaptations
     reaching half the collector, minutes per run: the columns a table of full-budget runs shows for one variant."""
@@ -82,13 +86,15 @@ def seeds_row(found):
 
 def ablation_rows():
     """MACAW and its ablation variants on each benchmark where a variant has run."""
-    return [[env, name, *seeds_row(runs(env, variant))] for env in ENVS
-            if any(runs(env, variant) for variant in ABLATION if variant != "macaw")
-            for variant, name in ABLATION.items() if runs(env, variant)]
+    out = []
+    for env in ENVS:
+        found = {variant: runs(env, variant) for variant in ABLATION}
+        if any(found[variant] for variant in ABLATION if variant != "macaw"):
+            out += [[env, name, *seeds_row(found[variant])] for variant, name in ABLATION.items() if found[variant]]
+    return out
 
 
-ABLATION_HEADER = ["benchmark", "variant", "seeds", "before adaptation", "adapted return (per seed)", "normalised",
-                   "adaptations ≥ half the collector", "minutes per run"]
+ABLATION_HEADER = ["benchmark", "variant", *SEEDS_COLUMNS]
 
 
 def figure_bytes():

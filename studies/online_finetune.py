@@ -135,7 +135,7 @@ def main(argv=None):
     if lambdas and args.rule != "adam":
         raise SystemExit("TD(lambda) targets are for the Adam steps: use --rule adam (the inner step keeps Monte-Carlo)")
     torch.set_num_threads(1)
-    results = {}
+    results, commit = {}, macaw.git_commit()  # the code this command runs
     for run in args.runs:
         cfg, bench, data, model = load_run(run, args.data_dir)
         cfg.buffer_skip = 1  # the online episodes are kept whole
@@ -152,7 +152,7 @@ def main(argv=None):
             key = str(run) if target == "mc" else f"{run} td{target}"
             results[key] = dict(env=cfg.env, method=cfg.method, seed=cfg.seed, target=target, curves=curves,
                                 collector={str(k): data[k].collector_return for k in bench.test_ids},
-                                wall_time_s=time.perf_counter() - start, commit=macaw.git_commit())
+                                wall_time_s=time.perf_counter() - start, commit=commit)
             mean = np.mean([r for c in curves.values() for _, r in c], axis=0)
             print(f"{run} ({series(results[key])}): mean return over test tasks after 0, 1, ... online episodes: "
                   + " ".join(f"{x:.0f}" for x in mean))
@@ -160,7 +160,7 @@ def main(argv=None):
     settings = dict(episodes=args.episodes, rule=args.rule, inner_steps=args.inner_steps, repeats=args.repeats)
     with macaw.folder_lock(args.results, wait=True, purpose=f"writing {out.name}"):  # (one writer at a time)
         results = {**earlier_runs(out, settings), **results}
-        macaw.write_json(out, dict(runs=results, commit=macaw.git_commit(), **settings,
+        macaw.write_json(out, dict(runs=results, commit=commit, **settings,
                                    targets=list(dict.fromkeys(res["target"] for res in results.values()))))
     print(f"\n{cfg.env}, rule {args.rule}: mean return over test tasks, then mean ± std over runs")
     print("| method | runs | " + " | ".join(f"after {e} episodes" for e in range(args.episodes + 1)) + " |")

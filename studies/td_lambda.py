@@ -106,9 +106,7 @@ def meta_training_rows():
     return out
 
 
-META_TRAINING_HEADER = ["benchmark", "outer value target", "seeds", "before adaptation", "adapted return (per seed)",
-                        "normalised",
-                        "adaptations ≥ half the collector", "minutes per run"]
+META_TRAINING_HEADER = ["benchmark", "outer value target", *comparison.SEEDS_COLUMNS]
 
 
 def band(ax, x, values, color, label):
