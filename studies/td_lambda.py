@@ -17,8 +17,9 @@ Two experiments, each kept as JSON in results/ by the commands that ran them:
       python studies/compare_methods.py main --envs <env> --variants td-lambda --steps 15000 --eval-every 1000
 
 The figure has one panel per benchmark's online study (return against online environment steps, each run's
-running mean over 10 rounds, then the mean over runs with the min-max band over runs) and one for meta-training on walker-params (held-out adapted return against the
-training step). `python studies/tables.py` puts both tables into docs/comparisons.md and, with --check, also checks that
+running mean over 10 rounds, then the mean over runs with the min-max band over runs) and one for meta-training on
+walker-params (held-out adapted return against the training step, from the evaluations during training: 3
+adaptations per task where the table's final evaluation has 10, so its last point and the table can differ). `python studies/tables.py` puts both tables into docs/comparisons.md and, with --check, also checks that
 the figure is what these files give, byte for byte.
 """
 import json
@@ -139,7 +140,8 @@ def figure_bytes():
             curves = [comparison.curve(s) for s in comparison.runs(env, prefix) if s.get("curve")]
             if comparison.runs(env, "td-lambda") and curves:
                 band(ax, curves[0][0], np.array([c[1] for c in curves]), color, f"{name} ({len(curves)} seed{'s' * (len(curves) > 1)})")
-        ax.set(title=f"{env}: meta-training", xlabel="training step", ylabel="held-out adapted return")
+        ax.set(title=f"{env}: meta-training", xlabel="training step",
+               ylabel="held-out adapted return (3 per task)")
     for ax in axes:
         if ax.lines:
             ax.legend(fontsize=7)
