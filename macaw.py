@@ -547,8 +547,9 @@ def get_benchmark(name):
 
 
 def make_task_env(bench, task_id):
-    env = bench.make_env()
-    env.set_task(bench.tasks[task_id])
+    with mujoco_warnings():  # (building a HalfCheetah warns under MuJoCo 4; see mujoco_warning)
+        env = bench.make_env()
+        env.set_task(bench.tasks[task_id])
     return env
 
 
@@ -610,7 +611,7 @@ def load_task_data(path, bench, task_id, cfg=None):
                         f"need {bench.name} format {DATA_FORMAT_VERSION}; {fix}")
     if not np.isclose(float(data["task"]), bench.tasks[task_id]):
         raise UserError(f"{path} holds task {float(data['task'])}, expected {bench.tasks[task_id]}; {fix}")
-    env = bench.make_env()
+    env = make_task_env(bench, task_id)
     dims = {"obs": env.observation_space.shape[0], "act": env.action_space.shape[0]}
     n = len(data["rewards"])
     for key, kind in DATA_KEYS.items():

@@ -477,6 +477,8 @@ def test_mujoco_warnings_reach_stderr_but_not_the_settotalmass_one(capfd, tmp_pa
     assert "settotalmass" not in err and "MuJoCo warning: Nan, Inf" in err
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
     assert macaw.mujoco.get_mju_user_warning() is before  # importing or running leaves the process's handler
+    macaw.make_task_env(macaw.BENCHMARKS["cheetah-vel"], 0)  # outside a run too (the studies build envs)
+    assert "settotalmass" not in capfd.readouterr().err and not (tmp_path / "MUJOCO_LOG.TXT").exists()
 
 
 def body_xy(env):
