@@ -6,8 +6,8 @@ Two experiments, each kept as JSON in results/ by the commands that ran them:
 - online fine-tuning after adaptation, each full-budget MACAW run once per value target (Monte-Carlo, and
   TD(lambda) at lambda = 0.9 and 0.95), on the same online budget:
   results/studies/td_lambda_online_<env>.json, made by
-      python studies/online_finetune.py runs/full/<env>-macaw-seed* --targets mc 0.9 0.95 --episodes N \
-          --repeats 1 --name td_lambda_online      # N: 40 on cheetah-vel, 150 on walker-params
+      python studies/online_finetune.py runs/full/<env>-macaw-seed* --targets mc 0.9 0.95 --episodes 150 \
+          --repeats 1 --name td_lambda_online
   where runs/full/<env>-macaw-seed<k>/ are the default runs made by
       python studies/compare_methods.py main --envs <env> --variants macaw --steps 15000 --eval-every 1000 \
           --out runs/full
