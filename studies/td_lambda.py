@@ -19,8 +19,9 @@ Two experiments, each kept as JSON in results/ by the commands that ran them:
 The figure has one panel per benchmark's online study (return against online environment steps, each run's
 running mean over 10 rounds, then the mean over runs with the min-max band over runs) and one for meta-training on
 walker-params (held-out adapted return against the training step, from the evaluations during training: 3
-adaptations per task where the table's final evaluation has 10, so its last point and the table can differ). `python studies/tables.py` puts both tables into docs/comparisons.md and, with --check, also checks that
-the figure is what these files give, byte for byte.
+adaptations per task where the table's final evaluation has 10, so its last point and the table can differ).
+`python studies/tables.py` puts both tables into docs/comparisons.md and, with --check, also checks that the
+figure is what these files give, byte for byte.
 """
 import json
 import sys
