@@ -1348,6 +1348,12 @@ def test_test_time_studies_run_on_every_method_at_a_tiny_size(tmp_path, monkeypa
     adaptation_probe.main(["--replot", str(tmp_path / "probe_point-robot.json")])
     assert (tmp_path / "probe_point-robot.png").stat().st_size > 0
     assert all(len(r["returns"]) == 1 for recs in out.values() for r in recs.values())
+    for part in runs[::-1]:  # the same study in three parts, one run each: the same returns and table
+        adaptation_probe.main([part, "--adaptations", "1", "--steps", "1", "3", "--batch-sizes", "32", "64", "--rule",
+                               "adam", "--data-dir", str(tmp_path / "data"), "--results", str(tmp_path), "--name", "parts"])
+    parts = json.loads((tmp_path / "parts_point-robot.json").read_text())
+    assert parts["runs"] == out and parts["variants"] == {run: probe["variants"][run] for run in runs[::-1]}
+    assert sorted(map(json.dumps, parts["table"])) == sorted(map(json.dumps, probe["table"]))
     import online_finetune
     online_finetune.main([*runs, "--episodes", "2", "--repeats", "1", "--rule", "repeat", "--data-dir",
                           str(tmp_path / "data"), "--results", str(tmp_path)])

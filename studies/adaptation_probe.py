@@ -19,11 +19,15 @@ Writes results/studies/<name>_<env>.json (every rollout's return, and the table;
 adaptation_probe) and <name>_<env>.png, and prints a table per run, then the mean normalised score per
 method and setting (mean over test tasks, then mean ± std over runs).
 A return that is not finite (the policy's actions blew up) counts as "diverged".
+The output file keeps the runs an earlier command of the same study wrote into it (same --adaptations,
+--rule, --steps, --batch-sizes and --sources; another setting replaces the file): a study can run in
+parts, e.g. one process per run on two cores, and a run probed again replaces its own entry.
 """
 import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -211,11 +215,13 @@ def main(argv=None):
     if not args.runs:
         parser.error("give the run folders to probe (or --replot RESULTS_JSON)")
     torch.set_num_threads(1)
-    results, variants = {}, {}
+    results, variants, provenance = {}, {}, {}
     for run in args.runs:
+        start = time.perf_counter()
         cfg, results[str(run)] = probe(run, args.adaptations, args.steps, args.batch_sizes, args.sources,
                                        args.data_dir, args.rule)
         variants[str(run)] = variant(cfg)
+        provenance[str(run)] = dict(commit=macaw.git_commit(), wall_time_s=time.perf_counter() - start)
         print(f"{run}: {cfg.env}, {variants[str(run)]}, seed {cfg.seed}")
         for key, rec in results[str(run)].items():
             finite = [x for x in rec["returns"] if x is not None]
@@ -225,20 +231,38 @@ def main(argv=None):
             note = f"  diverged {diverged}/{len(rec['returns'])}" if diverged else ""
             print(f"  task {rec['task']:>3} {rec['source']:>11}, {rec['batch']:>5} rows, {rec['steps']:>2} step(s): "
                   f"{text}{note}")
-    table = summary_table(results, variants)
+    out = args.results / f"{args.name}_{cfg.env}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = dict(adaptations=args.adaptations, rule=args.rule, steps=args.steps, batch_sizes=args.batch_sizes,
+                    sources=args.sources)
+    with macaw.folder_lock(args.results, wait=True, purpose=f"writing {out.name}"):  # (one writer at a time)
+        earlier = earlier_results(out, settings)  # runs probed by an earlier command of the same study are kept
+        results = {**earlier.get("runs", {}), **results}
+        variants = {**earlier.get("variants", {}), **variants}
+        provenance = {**earlier.get("provenance", {}), **provenance}
+        table = summary_table(results, variants)
+        macaw.write_json(out, dict(runs=results, variants=variants, table=table, provenance=provenance,
+                                   commit=macaw.git_commit(), **settings))
     print(f"\n{cfg.env}, rule {args.rule}: normalised score, mean over test tasks, then mean ± std over runs "
           f"(diverged adaptations left out of the score and counted apart)")
     print("| method | adaptation data | rows | steps | normalised | runs | diverged |\n|---|---|---|---|---|---|---|")
     for row in table:
         print(f"| {row['variant']} | {row['source']} | {row['batch']} | {row['steps']} | {score_text(row)} | {row['runs']} "
               f"| {row['diverged']:.0%} |")
-    out = args.results / f"{args.name}_{cfg.env}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    macaw.write_json(out, dict(runs=results, variants=variants, table=table, commit=macaw.git_commit(),
-                               adaptations=args.adaptations, rule=args.rule))
     plot(table, f"{cfg.env}, rule {args.rule}", out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png').name}")
 
+
+def earlier_results(path, settings):
+    """What an earlier command of the same study wrote into `path`: its dict, or {} if there is none or it
+    was made with other settings (it is then replaced). Lets a study run as several commands, one per run."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    if any(earlier.get(k) != v for k, v in settings.items()):
+        print(f"{path} was made with other settings; it is replaced")
+        return {}
+    return earlier
 
 if __name__ == "__main__":
     main()

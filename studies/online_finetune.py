@@ -27,7 +27,6 @@ and a (run, target) pair run again replaces its own entry.
 """
 import argparse
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "studies"))
 import macaw  # noqa: E402
-from adaptation_probe import RULES, adapt_steps, load_run  # noqa: E402
+from adaptation_probe import RULES, adapt_steps, earlier_results, load_run  # noqa: E402
 
 
 def noisy_episode(env, actor, sigma, seed):
@@ -159,7 +158,7 @@ def main(argv=None):
     out = args.results / f"{args.name}_{cfg.env}.json"
     settings = dict(episodes=args.episodes, rule=args.rule, inner_steps=args.inner_steps, repeats=args.repeats)
     with macaw.folder_lock(args.results, wait=True, purpose=f"writing {out.name}"):  # (one writer at a time)
-        results = {**earlier_runs(out, settings), **results}
+        results = {**earlier_results(out, settings).get("runs", {}), **results}
         macaw.write_json(out, dict(runs=results, commit=commit, **settings,
                                    targets=list(dict.fromkeys(res["target"] for res in results.values()))))
     print(f"\n{cfg.env}, rule {args.rule}: mean return over test tasks, then mean ± std over runs")
@@ -170,17 +169,6 @@ def main(argv=None):
                                                              zip(per_run.mean(0), per_run.std(0))) + " |")
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png').name}")
-
-
-def earlier_runs(path, settings):
-    """The runs an earlier command of the same study wrote into `path` ({} if none, or if made with other settings)."""
-    if not path.exists():
-        return {}
-    earlier = json.loads(path.read_text())
-    if any(earlier.get(k) != v for k, v in settings.items()):
-        print(f"{path} was made with other settings; it is replaced")
-        return {}
-    return earlier["runs"]
 
 
 def plot(results, path):
