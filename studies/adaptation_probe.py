@@ -237,9 +237,9 @@ def main(argv=None):
                     sources=args.sources)
     with macaw.folder_lock(args.results, wait=True, purpose=f"writing {out.name}"):  # (one writer at a time)
         earlier = earlier_results(out, settings)  # runs probed by an earlier command of the same study are kept
-        results = {**earlier.get("runs", {}), **results}
-        variants = {**earlier.get("variants", {}), **variants}
-        provenance = {**earlier.get("provenance", {}), **provenance}
+        variants = in_study_order({**earlier.get("variants", {}), **variants}, lambda run, v: v)
+        results = {run: {**earlier.get("runs", {}), **results}[run] for run in variants}
+        provenance = {run: {**earlier.get("provenance", {}), **provenance}[run] for run in variants}
         table = summary_table(results, variants)
         macaw.write_json(out, dict(runs=results, variants=variants, table=table, provenance=provenance,
                                    commit=macaw.git_commit(), **settings))
@@ -251,6 +251,18 @@ def main(argv=None):
               f"| {row['diverged']:.0%} |")
     plot(table, f"{cfg.env}, rule {args.rule}", out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png').name}")
+
+
+METHOD_ORDER = ("macaw", "no-adv-head", "meta-bc", "mt-awr")
+
+
+def in_study_order(entries, method_of):
+    """`entries` (a dict) sorted by method, MACAW first (method_of(key, value) names it), then by key: the
+    tables and figures come out in one order whichever order a study's parts ran in."""
+    def rank(item):
+        method = method_of(*item)
+        return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method, item[0])
+    return dict(sorted(entries.items(), key=rank))
 
 
 def earlier_results(path, settings):

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "studies"))
 import macaw  # noqa: E402
-from adaptation_probe import RULES, adapt_steps, earlier_results, load_run  # noqa: E402
+from adaptation_probe import RULES, adapt_steps, earlier_results, in_study_order, load_run  # noqa: E402
 
 
 def noisy_episode(env, actor, sigma, seed):
@@ -158,7 +158,7 @@ def main(argv=None):
     out = args.results / f"{args.name}_{cfg.env}.json"
     settings = dict(episodes=args.episodes, rule=args.rule, inner_steps=args.inner_steps, repeats=args.repeats)
     with macaw.folder_lock(args.results, wait=True, purpose=f"writing {out.name}"):  # (one writer at a time)
-        results = {**earlier_results(out, settings).get("runs", {}), **results}
+        results = in_study_order({**earlier_results(out, settings).get("runs", {}), **results}, lambda key, res: res["method"])
         macaw.write_json(out, dict(runs=results, commit=commit, **settings,
                                    targets=list(dict.fromkeys(res["target"] for res in results.values()))))
     print(f"\n{cfg.env}, rule {args.rule}: mean return over test tasks, then mean ± std over runs")
