@@ -159,7 +159,7 @@ def plot(table, title, path):
     variants = list(dict.fromkeys(r["variant"] for r in table))
     sizes, sources = sorted({r["batch"] for r in table}), list(dict.fromkeys(r["source"] for r in table))
     steps = sorted({r["steps"] for r in table})
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for i, v in enumerate(variants):
         for j, s in enumerate(steps):
             rows = [r for r in table if r["variant"] == v and r["steps"] == s and r["normalised_mean"] is not None]
@@ -173,6 +173,10 @@ def plot(table, title, path):
             else:
                 width = 0.8 / (len(variants) * len(steps))
                 offset = (i * len(steps) + j) * width - 0.4 + width / 2
+                for r in table:  # no bar where every adaptation diverged: said in its place
+                    if r["variant"] == v and r["steps"] == s and r["normalised_mean"] is None:
+                        ax.text(sources.index(r["source"]) + offset, 0.02, "all diverged", rotation=90, ha="center",
+                                va="bottom", fontsize=6, color=f"C{i}")
                 xs = [sources.index(r["source"]) + offset for r in rows]
                 bars = ax.bar(xs, [r["normalised_mean"] for r in rows], width, yerr=[r["normalised_std"] for r in rows],
                               color=f"C{i}", alpha=1 - 0.35 * j, label=label)
@@ -188,7 +192,7 @@ def plot(table, title, path):
         ax.set_xticks(range(len(sources)), sources)
         ax.set(xlabel=f"where the {sizes[0]} adaptation transitions come from")
     ax.set(ylabel="normalised score (held-out tasks)", title=title)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=len(variants), loc="upper center", bbox_to_anchor=(0.5, -0.15))  # (below: no bar hidden)
     fig.tight_layout()
     macaw.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

@@ -198,6 +198,9 @@ def probe_cell(rows, **where):
     return score_text(row) + (f" ({row['diverged']:.0%} diverged)" if row["diverged"] else "")
 
 
+TEST_TIME_ENVS = ("cheetah-vel",)  # the benchmarks of the test-time studies (docs/comparisons.md sections 3-5)
+
+
 def consistency_table(env):
     res = load(RESULTS / "studies" / f"consistency_{env}.json")
     rows, steps = res["table"], sorted({r["steps"] for r in res["table"]})
@@ -345,9 +348,9 @@ TABLES = {"summary": summary_table, "first-run": first_run_table, "untrained": u
           "full-budget ablation": full_budget_ablation_table,
           "pearl point-robot": pearl_point_robot_table, "td-lambda online": lambda: td_lambda_table("online"),
           "td-lambda meta-training": lambda: td_lambda_table("meta-training"),
-          **{f"consistency {e}": (lambda e=e: consistency_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
-          **{f"data_quality {e}": (lambda e=e: data_quality_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
-          **{f"online {e}": (lambda e=e: online_table(e)) for e in ("cheetah-dir", "cheetah-vel")},
+          **{f"consistency {e}": (lambda e=e: consistency_table(e)) for e in TEST_TIME_ENVS},
+          **{f"data_quality {e}": (lambda e=e: data_quality_table(e)) for e in TEST_TIME_ENVS},
+          **{f"online {e}": (lambda e=e: online_table(e)) for e in TEST_TIME_ENVS},
           "speed epyc": lambda: speed_table("meta_step_epyc.json"),
           "speed xeon": lambda: speed_table("meta_step_xeon.json", ("plain", "vmap", "merged", "compiled")),
           "speed h100": lambda: speed_table("meta_step_h100.json"),
