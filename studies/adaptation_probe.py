@@ -2,19 +2,20 @@
 
     python studies/adaptation_probe.py runs/cheetah-dir-seed1 runs/cheetah-dir-seed2      # data x 1, 2, 5 steps
     python studies/adaptation_probe.py RUNS --steps 1 5 20 --batch-sizes 64 256 1024 4096 \
-        --sources "random rows" --rule adam --name consistency     # the paper's consistency study
-    python studies/adaptation_probe.py RUNS --steps 1 --name data_quality     # adaptation-data quality
+        --sources "random rows" --rule adam --adaptations 3 --name consistency    # the paper's consistency study
+    python studies/adaptation_probe.py RUNS --steps 1 20 --adaptations 3 --name data_quality    # data quality
+(the last two as docs/comparisons.md ran them)
 
 No training: each run's final meta-parameters are loaded and, for every test task, adapted on N
 transitions (--batch-sizes, default 256) taken from different parts of that task's offline data, then
 rolled out in the task:
   - random rows (what evaluation does), or N contiguous rows from the first, middle or last 10% of
     the replay buffer (early exploration = poor data, the end = the collector's final behaviour);
-  - with 1, 2 or 5 steps (--steps). --rule repeat (default): each step is the run's own inner step,
-    MACAW's value step then policy step or Meta-BC's cloning step, with the learned step sizes, applied
-    to the previous step's adapted networks; --rule adam: the first step is that inner step, the rest
-    Adam steps on the method's plain objective (adapt_steps). For an MT-AWR run a "step" is one
-    fine-tuning Adam step.
+  - with each step count of --steps (default 1, 2 and 5). --rule repeat (default): each step is the
+    run's own inner step, MACAW's value step then policy step or Meta-BC's cloning step, with the learned
+    step sizes, applied to the previous step's adapted networks; --rule adam: the first step is that
+    inner step, the rest Adam steps on the method's plain objective (adapt_steps). For an MT-AWR run a
+    "step" is one fine-tuning Adam step.
 Writes results/studies/<name>_<env>.json (every rollout's return, and the table; --name, default
 adaptation_probe) and <name>_<env>.png, and prints a table per run, then the mean normalised score per
 method and setting (mean over test tasks, then mean ± std over runs).
@@ -126,7 +127,8 @@ def variant(cfg):
 
 def summary_table(results, variants):
     """Per method and setting: each run's mean normalised score over test tasks, then their mean and
-    standard deviation over runs (seeds), and the share of adaptations that diverged."""
+    standard deviation over runs (seeds) with at least one finite adaptation (scored_runs of them), and the
+    share of adaptations that diverged."""
     rows = []
     for name in dict.fromkeys(variants.values()):
         runs = [results[run] for run, v in variants.items() if v == name]
@@ -137,7 +139,7 @@ def summary_table(results, variants):
             scores = [np.mean([np.mean(normalised(r)) for r in cell if normalised(r)]) for cell in cells
                       if any(normalised(r) for r in cell)]  # runs with at least one finite adaptation
             returns = [x for cell in cells for r in cell for x in r["returns"]]
-            rows.append(dict(variant=name, source=source, batch=n, steps=steps, runs=len(runs),
+            rows.append(dict(variant=name, source=source, batch=n, steps=steps, runs=len(runs), scored_runs=len(scores),
                              normalised_mean=float(np.mean(scores)) if scores else None,
                              normalised_std=float(np.std(scores)) if scores else None,
                              diverged=sum(x is None for x in returns) / len(returns)))
@@ -201,7 +203,8 @@ def plot(table, title, path):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=(__doc__ or " ").splitlines()[0])
     parser.add_argument("runs", nargs="*", type=Path)
-    parser.add_argument("--replot", type=Path, help="only redraw the figure of this results JSON")
+    parser.add_argument("--replot", type=Path,
+                        help="only redo the table and figure of this results JSON from the returns it holds")
     parser.add_argument("--adaptations", type=int, default=10)
     parser.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[256])
@@ -214,6 +217,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.replot:
         res = json.loads(args.replot.read_text())
+        res["table"] = summary_table(res["runs"], res["variants"])
+        macaw.write_json(args.replot, res)
         plot(res["table"], f"{args.replot.stem.rsplit('_', 1)[-1]}, rule {res['rule']}", args.replot.with_suffix(".png"))
         return
     if not args.runs:

@@ -195,7 +195,10 @@ def probe_cell(rows, **where):
     row = next((r for r in rows if all(r[k] == v for k, v in where.items())), None)
     if row is None:
         return ""
-    return score_text(row) + (f" ({row['diverged']:.0%} diverged)" if row["diverged"] else "")
+    notes = [f"{row['diverged']:.0%} diverged"] * bool(row["diverged"])
+    if 0 < row["scored_runs"] < row["runs"]:  # a seed whose every adaptation diverged has no score
+        notes.append(f"{row['scored_runs']} of {row['runs']} seeds")
+    return score_text(row) + (f" ({'; '.join(notes)})" if notes else "")
 
 
 TEST_TIME_ENVS = ("cheetah-vel",)  # the benchmarks of the test-time studies (docs/comparisons.md sections 3-5)
@@ -226,7 +229,7 @@ def online_table(env):
     from online_finetune import method_returns
     res = load(RESULTS / "studies" / f"online_finetune_{env}.json")
     episodes = [e for e in (0, 1, 2, 5, 10, 20) if e <= res["episodes"]]
-    return table(["method", "runs", *(f"after {e} episodes" for e in episodes)],
+    return table(["method", "seeds", *(f"after {e} episode{'s' * (e != 1)}" for e in episodes)],
                  [[m, len(r), *(pm(r[:, e]) for e in episodes)] for m, r in method_returns(res["runs"]).items()])
 
 
