@@ -182,7 +182,8 @@ def plot(results, path):
         ax.plot(steps, returns.mean(0), color=f"C{n}", label=f"{name} ({len(returns)} runs)")
         ax.fill_between(steps, returns.min(0), returns.max(0), color=f"C{n}", alpha=0.12, lw=0)
     ax.set(xlabel="online environment steps (mean over test tasks)", ylabel="episode return",
-           title="online fine-tuning after offline adaptation")
+           title=f"{', '.join(dict.fromkeys(res['env'] for res in results.values()))}: "
+                 "online fine-tuning after offline adaptation")
     ax.legend(fontsize=8)
     fig.tight_layout()
     macaw.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))

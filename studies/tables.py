@@ -201,7 +201,7 @@ def probe_cell(rows, **where):
     return score_text(row) + (f" ({'; '.join(notes)})" if notes else "")
 
 
-TEST_TIME_ENVS = ("cheetah-vel",)  # the benchmarks of the test-time studies (docs/comparisons.md sections 3-5)
+TEST_TIME_ENVS = ("cheetah-vel", "walker-params")  # the benchmarks of the test-time studies (docs/comparisons.md sections 3-5)
 
 
 def consistency_table(env):
