@@ -247,8 +247,10 @@ def main(argv=None):
     with macaw.folder_lock(args.results, wait=True, purpose=f"writing {out.name}"):  # (one writer at a time)
         earlier = earlier_results(out, settings)  # runs probed by an earlier command of the same study are kept
         variants = in_study_order({**earlier.get("variants", {}), **variants}, lambda run, v: v)
-        results = {run: {**earlier.get("runs", {}), **results}[run] for run in variants}
-        provenance = {run: {**earlier.get("provenance", {}), **provenance}[run] for run in variants}
+        all_runs = {**earlier.get("runs", {}), **results}
+        all_provenance = {**earlier.get("provenance", {}), **provenance}
+        results = {run: all_runs[run] for run in variants}
+        provenance = {run: all_provenance.get(run) for run in variants}
         table = summary_table(results, variants)
         macaw.write_json(out, dict(runs=results, variants=variants, table=table, provenance=provenance,
                                    commit=macaw.git_commit(), **settings))
