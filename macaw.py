@@ -1465,23 +1465,28 @@ def collect_scripted_tasks(bench, task_ids, steps, seeds, paths, should_stop=lam
 
 def collect_group(bench_name, task_ids, steps, seeds, width, shared, lr, paths, checkpoint, position):
     """Worker process: collect a group of tasks and write each task's file. SAC tasks train in lock-step
-    (checkpointed, seeded by the group's first seed); scripted ones run one after another. It stops by
-    itself (SAC: after saving its checkpoint) if the process that started it is gone."""
+    (checkpointed, seeded by the group's first seed); scripted ones run one after another. It stops
+    (SAC: after saving its checkpoint) when the process that started it sends SIGTERM or is gone."""
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent ends us
+    told_to_stop = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: told_to_stop.append(True))  # finish the step, save, exit
     bench = BENCHMARKS[bench_name]
     parent = os.getppid()
-    orphaned = lambda: os.getppid() != parent
+    should_stop = lambda: bool(told_to_stop) or os.getppid() != parent
     try:
         with mujoco_warnings():
             if bench.collector != "sac":
-                return collect_scripted_tasks(bench, task_ids, steps, seeds, paths, orphaned, position)
+                return collect_scripted_tasks(bench, task_ids, steps, seeds, paths, should_stop, position)
             envs = [make_task_env(bench, k) for k in task_ids]
-            datas = collect_sac(envs, steps, seeds[0], checkpoint, should_stop=orphaned,
+            datas = collect_sac(envs, steps, seeds[0], checkpoint, should_stop=should_stop,
                                 width=width, position=position, shared=shared, lr=lr)
             for k, env, data, path in zip(task_ids, envs, datas, paths):
                 write_task_data(bench, k, env, dict(data, collector_width=width, collector_shared=shared,
                                                     collector_lr=lr), seeds[0], path)
+    except Interrupted as e:  # stopped and saved; the parent (if any) says what to do next
+        print(e, file=sys.stderr)
+        sys.exit(130)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

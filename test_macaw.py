@@ -1245,23 +1245,29 @@ def alive(pid):
 
 
 @pytest.mark.skipif(not Path("/proc").exists(), reason="reads the process table from /proc")
-def test_sigterm_during_data_generation_stops_every_worker(tmp_path):
+def test_sigterm_during_data_generation_saves_and_stops_every_worker(tmp_path):
     import signal
     env = dict(os.environ, PYTHONPATH=str(HERE))
-    proc = subprocess.Popen([sys.executable, str(HERE / "macaw.py"), "--env", "cheetah-dir", "--collector-steps",
-                             "100000", "--collector-design", "per-task"],  # (per-task: 2 workers)
-                            cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(HERE / "macaw.py"), "--env", "cheetah-dir", "--collector-steps",
+                                 "100000", "--collector-design", "per-task"],  # (per-task: 2 workers)
+                                cwd=tmp_path, env=env, text=True, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
-        wait_for(lambda: len(spawned_children(proc.pid)) == 2)
+        wait_for(lambda: log.read_text().count("SAC x1") >= 2)  # both workers are collecting
         workers = spawned_children(proc.pid)
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         proc.kill()
+    err = log.read_text()
     assert proc.returncode == 130, err
     last_line = err.strip().splitlines()[-1]
     assert last_line.startswith("stopped: SIGTERM") and "data generation stopped" in last_line
     wait_for(lambda: not any(alive(w) for w in workers), timeout=20)  # no orphaned collector keeps running
+    checkpoints = sorted((tmp_path / "data" / "cheetah-dir").glob("collector-*.pt"))
+    assert len(checkpoints) == 2  # each worker saved where it stopped, well before its first 3-minute save
+    assert all(0 < torch.load(c, weights_only=False)["t"] < 100_000 for c in checkpoints)
 
 
 # ------------------------------------------------------------------------------------------------
