@@ -149,7 +149,7 @@ def first_run_table():
     first = load(RESULTS / "cheetah-dir" / "first-run.json")
     shared = next(r for r in load(RESULTS / "speed" / "collector_designs_cheetah-vel.json") if r["design"] == "shared")
     walker = load(RESULTS / "walker-params" / "data-timing.json")
-    ant = load(RESULTS / "ant-dir" / "seed1.json")
+    ant = load(RESULTS / "ant-dir" / "data-timing.json")
     ml45 = max(seed_summaries("ml45"), key=lambda s: s["data_time_s"])  # the seed that made the data
     train = lambda env: min(s["wall_time_s"] for s in seed_summaries(env)) / 60  # the least disturbed seed
     rows = [("point-robot", point["data_time_s"] / 60, point["wall_time_s"] / 60),
