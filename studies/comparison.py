@@ -5,7 +5,9 @@
 For each benchmark and method, the runs kept in results/<env>/ (MACAW: seed<k>.json; the others
 <method>-seed<k>.json, each with the evaluation curve studies/keep_run.py adds): the figure has one panel per
 benchmark, the held-out adapted return (mean over the test tasks) against the training step, the mean over
-seeds with the min-max band, and the published MACAW value as a dashed line; the table has the final adapted
+seeds with the min-max band, the published MACAW value as a dashed line and, dotted, what MACAW's networks
+score without meta-training (results/<env>/untrained-seed<k>.json: one adaptation step from their initial
+weights, the mean over seeds), the floor meta-training has to beat; the table has the final adapted
 return, the normalised score, the share of adaptations reaching half the collector's return and the minutes
 per run. It also prints the full-budget ablation's table (MACAW without its advantage head, or with plain layers).
 `python studies/tables.py` puts the same tables into docs/comparisons.md and, with --check, also
@@ -118,6 +120,9 @@ def figure_bytes():
             seeds.setdefault(name, set()).add(len(values))
             ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.2, linewidth=0)
         ax.axhline(PUBLISHED[env][0], color="k", linestyle="--", linewidth=1, label="published MACAW")
+        untrained = [s["mean_post_return"] for s in runs(env, "untrained")]
+        if untrained:
+            ax.axhline(np.mean(untrained), color="gray", linestyle=":", linewidth=1.5, label="MACAW untrained")
         ax.set_title(env)
         ax.set_xlabel("training step")
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k" if x else "0"))
