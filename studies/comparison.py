@@ -45,7 +45,10 @@ def curve(summary):
 
 
 def stat(xs, fmt="{:.0f}"):
-    return f"{fmt.format(np.mean(xs))} ± {fmt.format(np.std(xs))}" if len(xs) else ""
+    if not len(xs):
+        return ""
+    mean = fmt.format(np.mean(xs))
+    return f"{mean.lstrip('-') if float(mean) == 0 else mean} ± {fmt.format(np.std(xs))}"  # no "-0"
 
 
 def rows():
