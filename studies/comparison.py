@@ -6,8 +6,8 @@ For each benchmark and method, the runs kept in results/<env>/ (MACAW: seed<k>.j
 <method>-seed<k>.json, each with the evaluation curve studies/keep_run.py adds): the figure has one panel per
 benchmark, the held-out adapted return (mean over the test tasks) against the training step, the mean over
 seeds with the min-max band, the published MACAW value as a dashed line and, dotted, what MACAW's networks
-score without meta-training (results/<env>/untrained-seed<k>.json: one adaptation step from their initial
-weights, the mean over seeds), the floor meta-training has to beat; the table has the final adapted
+score without meta-training (results/<env>/untrained-seed<k>.json: the adaptation step from networks that took
+one meta-step, --steps 1; the mean over seeds), the floor meta-training has to beat; the table has the final adapted
 return, the normalised score, the share of adaptations reaching half the collector's return and the minutes
 per run. It also prints the full-budget ablation's table (MACAW without its advantage head, or with plain layers).
 `python studies/tables.py` puts the same tables into docs/comparisons.md and, with --check, also
