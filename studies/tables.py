@@ -22,15 +22,11 @@ sys.path.insert(0, str(ROOT / "studies"))
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ENVS = ("cheetah-dir", "cheetah-vel", "ant-dir", "walker-params")
 import macaw  # noqa: E402
-from comparison import PUBLISHED  # noqa: E402  (MACAW as re-run by UNICORN: a published reference)
+from comparison import PUBLISHED, stat  # noqa: E402  (PUBLISHED: MACAW as re-run by UNICORN, a published reference)
 
 
 def load(path):
     return json.loads(Path(path).read_text())
-
-
-def pm(xs, fmt="{:.0f}"):
-    return f"{fmt.format(np.mean(xs))} ± {fmt.format(np.std(xs))}"
 
 
 def table(header, rows):
@@ -55,9 +51,9 @@ def summary_table():
         runs, untrained = seed_summaries(env), seed_summaries(env, "untrained-seed")
         post = [s["mean_post_return"] for s in runs]
         rows.append([f"`{env}`", f"{task_mean(runs[0], 'collector_return'):.0f}",
-                     f"{pm([task_mean(s, 'pre_return') for s in runs])}",
-                     f"**{pm(post)}** ({' / '.join(f'{p:.0f}' for p in post)})",
-                     pm([s["mean_normalized"] for s in runs], "{:.2f}"),
+                     f"{stat([task_mean(s, 'pre_return') for s in runs])}",
+                     f"**{stat(post)}** ({' / '.join(f'{p:.0f}' for p in post)})",
+                     stat([s["mean_normalized"] for s in runs], "{:.2f}"),
                      f"{np.mean([s['share_half'] for s in runs]):.0%}",
                      f"{np.mean([s['mean_post_return'] for s in untrained]):.0f}" if untrained else "",
                      "{} ± {}".format(*PUBLISHED[env]) if env in PUBLISHED else "none"])
@@ -75,10 +71,10 @@ def ml45_table():
     for method, prefix in ML45_METHODS:
         runs = seed_summaries("ml45", prefix)
         if runs:
-            rate = lambda key: f"{pm([100 * s[key] for s in runs])}% ({' / '.join(f'{100 * s[key]:.0f}' for s in runs)})"
+            rate = lambda key: f"{stat([100 * s[key] for s in runs])}% ({' / '.join(f'{100 * s[key]:.0f}' for s in runs)})"
             rows.append([method, len(runs), rate("pre_success"), f"**{rate('post_success')}**",
-                         pm([task_mean(s, "pre_return") for s in runs]), pm([s["mean_post_return"] for s in runs]),
-                         pm([s["mean_normalized"] for s in runs], "{:.2f}"),
+                         stat([task_mean(s, "pre_return") for s in runs]), stat([s["mean_post_return"] for s in runs]),
+                         stat([s["mean_normalized"] for s in runs], "{:.2f}"),
                          f"{np.mean([s['wall_time_s'] for s in runs]) / 60:.0f}"])
     return table(["method", "seeds", "success before adaptation (per seed)", "success adapted (per seed)",
                   "return before", "return adapted", "normalised", "minutes per run"], rows)
@@ -112,8 +108,8 @@ def seed_table(env):
                      f"{col['post']:.0f} ({min(every):.0f} .. {max(every):.0f})", f"{col['norm']:.2f}",
                      f"{col['half']:.0%}", f"{s['wall_time_s'] / 60:.1f} min"])
     get = lambda k: [c[k] for c in cols]
-    rows.append(["mean ± std", f"{np.mean(get('collector')):.0f}", f"{np.mean(get('random')):.0f}", pm(get("pre")),
-                 f"**{pm(get('post'))}**", f"**{pm(get('norm'), '{:.2f}')}**", f"{np.mean(get('half')):.0%}", ""])
+    rows.append(["mean ± std", f"{np.mean(get('collector')):.0f}", f"{np.mean(get('random')):.0f}", stat(get("pre")),
+                 f"**{stat(get('post'))}**", f"**{stat(get('norm'), '{:.2f}')}**", f"{np.mean(get('half')):.0%}", ""])
     return table(["seed", "collector", "random", "pre-adaptation", "adapted (min .. max over adaptations)",
                   "normalised", "adaptations ≥ 0.5", "training + evaluation"], rows)
 
@@ -135,10 +131,10 @@ def untrained_table():
     for env in (*ENVS, "ml45"):
         runs, untrained = seed_summaries(env), seed_summaries(env, "untrained-seed")
         post = [s["mean_post_return"] for s in untrained]
-        rows.append([f"`{env}`", pm([task_mean(s, "pre_return") for s in untrained]),
-                     f"{pm(post)} ({' / '.join(f'{p:.0f}' for p in post)})",
-                     pm([s["mean_normalized"] for s in untrained], "{:.2f}"),
-                     pm([s["mean_post_return"] for s in runs])])
+        rows.append([f"`{env}`", stat([task_mean(s, "pre_return") for s in untrained]),
+                     f"{stat(post)} ({' / '.join(f'{p:.0f}' for p in post)})",
+                     stat([s["mean_normalized"] for s in untrained], "{:.2f}"),
+                     stat([s["mean_post_return"] for s in runs])])
     return table(["benchmark", "untrained, before its step", "untrained, after its step (per seed)",
                   "untrained, normalised", "MACAW, adapted"], rows)
 
@@ -170,8 +166,8 @@ def comparison_table(name):
         for variant in dict.fromkeys(r["variant"] for r in from_study["runs"] if r["env"] == env):
             runs = [r for r in from_study["runs"] if r["env"] == env and r["variant"] == variant]
             s = [r["summary"] for r in runs]
-            rows.append([env, variant, runs[0]["net_width"], len(runs), pm([task_mean(x, "pre_return") for x in s]),
-                         pm([x["mean_post_return"] for x in s]), pm([x["mean_normalized"] for x in s], "{:.2f}"),
+            rows.append([env, variant, runs[0]["net_width"], len(runs), stat([task_mean(x, "pre_return") for x in s]),
+                         stat([x["mean_post_return"] for x in s]), stat([x["mean_normalized"] for x in s], "{:.2f}"),
                          f"{np.mean([x['share_half'] for x in s]):.0%}",
                          f"{np.mean([x['wall_time_s'] for x in s]) / 60:.1f}"])
     return table(["benchmark", "method", "width", "seeds", "pre-adaptation", "adapted", "normalised",
@@ -230,7 +226,7 @@ def online_table(env):
     res = load(RESULTS / "studies" / f"online_finetune_{env}.json")
     episodes = [e for e in (0, 1, 2, 5, 10, 20) if e <= res["episodes"]]
     return table(["method", "seeds", *(f"after {e} episode{'s' * (e != 1)}" for e in episodes)],
-                 [[m, len(r), *(pm(r[:, e]) for e in episodes)] for m, r in method_returns(res["runs"]).items()])
+                 [[m, len(r), *(stat(r[:, e]) for e in episodes)] for m, r in method_returns(res["runs"]).items()])
 
 
 def td_lambda_table(kind):
